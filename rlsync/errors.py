@@ -1,0 +1,21 @@
+"""Project error types: what a user can get wrong or must react to.
+
+`ValueError` subclasses are for bad input; `EngineNotReady` is for an engine
+that refuses to sample because its weights are not from one complete sync.
+"""
+
+
+class RLSyncError(RuntimeError):
+    """Base class for rlsync's runtime errors."""
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or combination is invalid; the message names the key."""
+
+
+class SyncError(RLSyncError):
+    """A weight sync failed; the engine is left FAILED (it refuses to generate)."""
+
+
+class EngineNotReady(RLSyncError):
+    """The engine's weights are not from one complete sync, so it refuses to sample."""

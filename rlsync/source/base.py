@@ -1,0 +1,83 @@
+"""The trainer-side contract: full tensors, one layer group at a time.
+
+A `WeightSource` hands the engine a model's weights as an iterator of groups,
+each a list of `(hf_name, tensor)`. Groups follow the model's parameter order
+(embeddings, each decoder layer, final norm + head), which is the order vLLM's
+layerwise reload and rlsync's reload process layers in. A source never holds
+more than one gathered group: it frees group g before gathering g+1, and it
+counts the gathered bytes alive so tests and benchmarks can check that bound.
+
+What a source does not do: choose which ranks consume (every rank iterates, the
+gathers are collectives) or cast to the engine's dtype unless asked (`dtype`).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+
+Group = list[tuple[str, torch.Tensor]]
+
+
+@dataclasses.dataclass(kw_only=True, slots=True, frozen=True)
+class TensorMeta:
+    """Name, shape and dtype of one full (unsharded) tensor, as the engine will see it."""
+
+    name: str
+    """Hugging Face checkpoint name."""
+    shape: tuple[int, ...]
+    """Full shape."""
+    dtype: torch.dtype
+    """Dtype of the yielded tensor."""
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * self.dtype.itemsize
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class GatherStats:
+    """Bytes a source gathered (materialized beyond the trainer's own storage)."""
+
+    live_bytes: int = 0
+    """Gathered bytes alive right now."""
+    peak_bytes: int = 0
+    """Most gathered bytes alive at once since the last reset."""
+    num_groups: int = 0
+    """Groups yielded since the last reset."""
+
+    def add(self, nbytes: int) -> None:
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def release(self, nbytes: int) -> None:
+        self.live_bytes -= nbytes
+
+    def reset(self) -> None:
+        self.live_bytes = self.peak_bytes = self.num_groups = 0
+
+
+class WeightSource(abc.ABC):
+    """Yields a trainer model's full weights, one layer group at a time."""
+
+    def __init__(self, *, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self.stats = GatherStats()
+
+    @abc.abstractmethod
+    def metadata(self) -> list[TensorMeta]:
+        """Names, full shapes and dtypes, in yield order, without gathering."""
+
+    @abc.abstractmethod
+    def groups(self) -> Iterator[Group]:
+        """Full tensors, one group at a time; a group is invalid after the next is requested."""
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        return tensor if self.dtype is None else tensor.to(self.dtype)
