@@ -1,0 +1,260 @@
+"""`VLLMEngine`: a vLLM engine in the trainer's process that refuses stale weights.
+
+Why a wrapper: a rollout must come from exactly one trainer step's weights. The
+engine keeps a state machine (READY at step s / SYNCING / FAILED); a sync that
+raises for any reason leaves it FAILED, and `generate` then raises
+`EngineNotReady` instead of sampling from a half-updated model. The next full
+sync brings it back to READY.
+
+A sync validates each incoming tensor (known name, right shape, not yet seen,
+finite if asked) before handing the group to the reload backend, and on commit
+checks that every checkpoint tensor arrived exactly once.
+
+What it does not do: launch processes (use torchrun / deepspeed) or own the
+trainer model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from rlsync.engine import vllm_adapter
+from rlsync.engine.backends import ReloadBackend, make_backend
+from rlsync.engine.checkpoint import checkpoint_shapes
+from rlsync.engine.report import SyncReport
+from rlsync.engine.verify import verify_groups
+from rlsync.errors import EngineNotReady, SyncError
+from rlsync.source import WeightSource, source_for
+from rlsync.source.base import Group
+
+
+class EngineState(enum.Enum):
+    READY = "ready"
+    SYNCING = "syncing"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    """How to build the colocated vLLM engine."""
+
+    model: str = ""
+    """Checkpoint directory (Hugging Face layout, safetensors)."""
+    quantization: str | None = None
+    """None (bf16), `fp8_per_channel` (vLLM online FP8) or `rlsync_fp8` (rlsync's plugin)."""
+    reload_backend: str = "vllm"
+    """`rlsync` (capture/restore, quantize on arrival) or `vllm` (vLLM's layerwise reload)."""
+    dtype: str = "bfloat16"
+    """Engine compute dtype."""
+    max_model_len: int = 512
+    """Longest prompt + completion."""
+    seed: int = 0
+    """Sampling seed."""
+    enforce_eager: bool = True
+    """No graph capture (CPU); on GPU graphs stay valid since syncs keep data pointers."""
+    gpu_memory_utilization: float = 0.3
+    """Fraction of device memory for vLLM (GPU only)."""
+    enable_sleep_mode: bool = False
+    """Let the engine release memory between rollouts (`sleep` / `wake_up`)."""
+    reject_nonfinite: bool = False
+    """Fail a sync that receives NaN or Inf (costs one pass over each tensor)."""
+    llm_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra keyword arguments for `vllm.LLM`."""
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Completion:
+    """One sampled completion."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    """Log-probability of each sampled token under the engine's (unprocessed) distribution."""
+    text: str
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class PromptResult:
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+
+
+class VLLMEngine:
+    """A colocated vLLM engine with fail-closed weight sync."""
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        self.config = EngineConfig(model=str(model), **kwargs)
+        cfg = self.config
+        self.llm = vllm_adapter.build_llm(
+            cfg.model,
+            quantization=cfg.quantization,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            seed=cfg.seed,
+            enforce_eager=cfg.enforce_eager,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enable_sleep_mode=cfg.enable_sleep_mode,
+            **cfg.llm_kwargs,
+        )
+        self.model = vllm_adapter.driver_model(self.llm)
+        self.packed = vllm_adapter.packed_modules_mapping(self.model)
+        self.checkpoint_shapes = checkpoint_shapes(cfg.model)
+        self.backend: ReloadBackend = make_backend(cfg.reload_backend, self.model, vllm_adapter.model_config(self.llm))
+        self.state = EngineState.READY
+        self.step = 0
+        self.error: BaseException | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "VLLMEngine":
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "model"}
+        return cls(config.model, **fields)
+
+    @property
+    def tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    # ---------------------------------------------------------------- sync
+    def sync(self, source: WeightSource | torch.nn.Module, step: int, *, verify: bool = False) -> SyncReport:
+        """Push the trainer's weights into the engine; READY at `step` on success.
+
+        On any failure the engine is left FAILED and `SyncError` is raised with
+        the offending parameter's name where there is one.
+        """
+        if self.state is EngineState.SYNCING:
+            raise SyncError("a sync is already in progress")
+        source = source_for(source)
+        self.state = EngineState.SYNCING
+        received: set[str] = set()
+        counts = {"bytes": 0, "groups": 0}
+        start = time.perf_counter()
+        try:
+            self.backend.begin()
+            for group in source.groups():
+                self._check_group(group, received)
+                self.backend.load(group)
+                counts["groups"] += 1
+                counts["bytes"] += sum(t.nbytes for _, t in group)
+                del group
+            missing = sorted(set(self.checkpoint_shapes) - received)
+            if missing:
+                raise SyncError(f"sync incomplete: {len(missing)} checkpoint tensors never arrived, e.g. {missing[:3]}")
+            self.backend.commit()
+        except BaseException as exc:
+            self._fail(exc)
+            if isinstance(exc, SyncError):
+                raise
+            raise SyncError(f"sync to step {step} failed: {type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        report = SyncReport(
+            step=step,
+            backend=self.backend.name,
+            seconds=seconds,
+            num_bytes=counts["bytes"],
+            num_groups=counts["groups"],
+            num_tensors=len(received),
+            peak_load_bytes=self.backend.peak_live_bytes,
+            peak_gathered_bytes=source.stats.peak_bytes,
+        )
+        if verify:
+            try:
+                report.num_verified = verify_groups(self.model, self.packed, source.groups(), received)
+            except SyncError as exc:
+                self.state, self.error = EngineState.FAILED, exc
+                raise
+            report.verified = True
+        self.state, self.step, self.error = EngineState.READY, step, None
+        return report
+
+    def _check_group(self, group: Group, received: set[str]) -> None:
+        for name, tensor in group:
+            want = self.checkpoint_shapes.get(name)
+            if want is None:
+                raise SyncError(f"engine has no parameter {name!r} (not in the checkpoint)")
+            if tuple(tensor.shape) != want:
+                raise SyncError(f"parameter {name!r}: shape {tuple(tensor.shape)} != engine's {want}")
+            if name in received:
+                raise SyncError(f"parameter {name!r} arrived twice in one sync")
+            if self.config.reject_nonfinite and not bool(torch.isfinite(tensor).all()):
+                raise SyncError(f"parameter {name!r} has non-finite values (reject_nonfinite=True)")
+            received.add(name)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.state, self.error = EngineState.FAILED, exc
+        try:
+            self.backend.abort()
+        except Exception as abort_exc:  # the sync's own error is the one to report
+            exc.add_note(f"abort after the failed sync also raised: {abort_exc!r}")
+
+    # ---------------------------------------------------------- rollouts
+    def _require_ready(self) -> None:
+        if self.state is not EngineState.READY:
+            raise EngineNotReady(
+                f"engine is {self.state.value}; its weights are not from one complete sync"
+                + (f" (last error: {self.error})" if self.error else "")
+                + ". Run a full sync first."
+            )
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        max_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[PromptResult]:
+        """Sample `n` completions per prompt with the sampled tokens' log-probs."""
+        self._require_ready()
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, logprobs=0, stop_token_ids=list(stop_token_ids or []),
+        )
+        outputs = self.llm.generate(_as_inputs(prompts), params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            completions = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [float(step_lp[tok].logprob) for tok, step_lp in zip(ids, c.logprobs)]
+                completions.append(Completion(token_ids=ids, logprobs=lps, text=c.text))
+            results.append(PromptResult(prompt_token_ids=list(out.prompt_token_ids), completions=completions))
+        return results
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Log-prob of each token given its prefix (positions 1..L-1), per sequence."""
+        self._require_ready()
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate(_as_inputs(sequences), params, use_tqdm=False)
+        scores = []
+        for seq, out in zip(sequences, outputs):
+            lps = [float(pos[tok].logprob) for tok, pos in zip(seq[1:], out.prompt_logprobs[1:])]
+            scores.append(torch.tensor(lps, dtype=torch.float32))
+        return scores
+
+    # ------------------------------------------------------------ memory
+    def sleep(self, level: int = 1) -> None:
+        """Release the KV cache (level 1: also offload weights) while the trainer runs."""
+        vllm_adapter.sleep(self.llm, level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Re-acquire memory; wake `["weights"]` before a sync, `["kv_cache"]` after."""
+        vllm_adapter.wake_up(self.llm, tags)
+
+    def named_kernel_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The engine's parameters as the kernels use them (for tests and verify)."""
+        return self.model.named_parameters()
+
+
+def _as_inputs(prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[Any]:
+    return [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]

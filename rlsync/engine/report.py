@@ -1,0 +1,52 @@
+"""`SyncReport`: what one sync did, in numbers a run can log."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class SyncReport:
+    """Measurements of one completed sync."""
+
+    step: int
+    """Trainer step whose weights the engine now holds."""
+    backend: str
+    """Reload backend that ran (`rlsync` or `vllm`)."""
+    seconds: float
+    """Wall time from begin to commit (the source's gathers included)."""
+    num_bytes: int
+    """Bytes of tensors received from the source."""
+    num_groups: int
+    """Layer groups received."""
+    num_tensors: int
+    """Checkpoint tensors received."""
+    peak_load_bytes: int | None = None
+    """Most load-format bytes the reload backend held at once (its own counter)."""
+    peak_gathered_bytes: int | None = None
+    """Most gathered bytes the source held at once (its own counter)."""
+    verified: bool | None = None
+    """With `verify=True`: every engine tensor was written and equals the reference; else None."""
+    num_verified: int = 0
+    """Engine tensors compared bit for bit against the reference."""
+
+    @property
+    def gbps(self) -> float:
+        """Received gigabytes per second."""
+        return self.num_bytes / 1e9 / self.seconds if self.seconds > 0 else float("inf")
+
+    def metrics(self, prefix: str = "sync/") -> dict[str, float]:
+        """Flat numeric fields for a metrics logger."""
+        out: dict[str, float] = {
+            "seconds": self.seconds,
+            "gbps": self.gbps,
+            "bytes": float(self.num_bytes),
+            "groups": float(self.num_groups),
+        }
+        if self.peak_load_bytes is not None:
+            out["peak_load_bytes"] = float(self.peak_load_bytes)
+        if self.peak_gathered_bytes is not None:
+            out["peak_gathered_bytes"] = float(self.peak_gathered_bytes)
+        if self.verified is not None:
+            out["verified"] = float(self.verified)
+        return {prefix + k: v for k, v in out.items()}

@@ -1,0 +1,129 @@
+"""Proof that a sync wrote every engine tensor with the right bits.
+
+For each engine parameter we derive, from the trainer's checkpoint-named
+tensors, exactly what the engine must hold: fused parameters (`qkv_proj`,
+`gate_up_proj`) are the concatenation of their shards; unquantized tensors are
+the cast to the engine dtype; FP8 tensors are the reference quantization
+(`rlsync.quant.reference`) of the bf16 cast. The comparison is on raw bits, so
+NaN never passes and -0.0 differs from 0.0.
+
+How each quantized layer is derived is looked up by its quant method's class
+name in `KERNEL_EXPECTATIONS`; quantization code registers its own entry.
+The pass reads the source again group by group, so memory stays bounded.
+
+Limitations: 1. tensor parallel size 1 (each rank's full tensors);
+2. parameters only (buffers such as rotary caches are not checkpoint data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from rlsync.engine.vllm_adapter import read_kernel_tensor
+from rlsync.errors import SyncError
+from rlsync.quant import reference
+from rlsync.source.base import Group
+
+# quant method class name -> fn(layer, weight_NK in engine dtype) -> {param name: expected tensor}
+KERNEL_EXPECTATIONS: dict[str, Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]] = {}
+
+
+def _fp8_per_channel_kernel(layer: nn.Module, weight_NK: torch.Tensor) -> dict[str, torch.Tensor]:
+    q_NK, scale_N1 = reference.fp8_per_channel(weight_NK)
+    return {"weight": q_NK.t(), "weight_scale": scale_N1}
+
+
+KERNEL_EXPECTATIONS["Fp8PtpcOnlineLinearMethod"] = _fp8_per_channel_kernel
+_UNQUANTIZED = {"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod", "NoneType"}
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class _Item:
+    module_name: str
+    module: nn.Module
+    sources: dict[str, list[str]]
+    """Engine param name ('weight', 'bias') -> checkpoint names whose concatenation it loads."""
+
+
+def checkpoint_sources(model: nn.Module, packed: dict[str, list[str]]) -> list[_Item]:
+    """For each engine module with parameters, which checkpoint tensors feed which parameter.
+
+    A tied follower (an LM head sharing the embedding) gets its own item with
+    the owner's checkpoint names, so its kernel state is checked too.
+    """
+    items = []
+    owner_sources: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if n in ("weight", "bias")]
+        if not own:
+            continue
+        prefix, _, leaf = module_name.rpartition(".")
+        shards = packed.get(leaf, [leaf])
+        base = lambda s: f"{prefix}.{s}" if prefix else s  # noqa: E731
+        sources = {}
+        for n, p in own:
+            sources[n] = owner_sources.setdefault(id(p), [f"{base(s)}.{n}" for s in shards])
+        items.append(_Item(module_name=module_name, module=module, sources=sources))
+    return items
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.contiguous().view(ints[t.element_size()])
+
+
+def expected_tensors(item: _Item, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What `item.module`'s parameters must hold, from checkpoint-named tensors."""
+    method = type(getattr(item.module, "quant_method", None)).__name__
+    out: dict[str, torch.Tensor] = {}
+    for pname, names in item.sources.items():
+        current = read_kernel_tensor(item.module, pname)
+        full = torch.cat([tensors[n] for n in names], dim=0) if len(names) > 1 else tensors[names[0]]
+        if pname == "weight" and method not in _UNQUANTIZED:
+            if method not in KERNEL_EXPECTATIONS:
+                raise SyncError(f"verify: no reference for quant method {method} ({item.module_name})")
+            dtype = getattr(item.module, "orig_dtype", torch.bfloat16)
+            out.update(KERNEL_EXPECTATIONS[method](item.module, full.to(dtype)))
+        else:
+            out[pname] = full.to(current.dtype)
+    return out
+
+
+def verify_groups(model: nn.Module, packed: dict[str, list[str]], groups: Iterable[Group], received: set[str]) -> int:
+    """Compare every engine parameter with its reference; return how many were checked.
+
+    Raises `SyncError` naming the first parameters that were not written this
+    sync (a source name missing from `received`) or whose bits differ.
+    """
+    items = checkpoint_sources(model, packed)
+    pending = {id(it): it for it in items}
+    problems: list[str] = []
+    checked = 0
+    for group in groups:
+        tensors = dict(group)
+        for key, item in list(pending.items()):
+            names = [n for ns in item.sources.values() for n in ns]
+            if not all(n in tensors for n in names):
+                continue
+            del pending[key]
+            missing = [n for n in names if n not in received]
+            if missing:
+                problems.append(f"{item.module_name}: not written this sync ({', '.join(missing)})")
+                continue
+            for pname, want in expected_tensors(item, tensors).items():
+                have = read_kernel_tensor(item.module, pname)
+                checked += 1
+                if have.shape != want.shape or have.dtype != want.dtype:
+                    problems.append(f"{item.module_name}.{pname}: {tuple(have.shape)}/{have.dtype} != {tuple(want.shape)}/{want.dtype}")
+                elif not torch.equal(_bits(have), _bits(want)):
+                    problems.append(f"{item.module_name}.{pname}: bits differ from the reference")
+        del tensors
+    for item in pending.values():
+        problems.append(f"{item.module_name}: no checkpoint tensors for it in the source")
+    if problems:
+        raise SyncError("verify failed: " + "; ".join(problems[:8]) + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+    return checked

@@ -1,0 +1,154 @@
+"""The one module that touches vLLM's internals, with the version check.
+
+rlsync runs vLLM in the trainer's process (colocated). Reaching the model object
+(`llm.llm_engine.model_executor.driver_worker.model_runner.model`) and vLLM's
+layerwise reload functions are internals that move between vLLM releases, so
+every such access lives here and is guarded by `SUPPORTED_VLLM`. Everything
+else in rlsync talks to vLLM through `vllm.LLM`'s public API or this module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+SUPPORTED_VLLM = ("0.32",)
+"""vLLM release lines whose internals this adapter was written against."""
+
+
+def import_vllm():
+    """Import vLLM for in-process (colocated) use, with rlsync's defaults.
+
+    `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in this process so
+    the model object is reachable; a 1 GiB CPU KV cache keeps tests small. Both
+    only apply where the user has not set them.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import vllm
+
+    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(
+            f"rlsync's vLLM adapter supports vLLM {', '.join(v + '.x' for v in SUPPORTED_VLLM)}; "
+            f"found {vllm.__version__}"
+        )
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        raise RuntimeError("colocated sync needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (engine in this process)")
+    return vllm
+
+
+def build_llm(model_path: str, **llm_kwargs: Any):
+    """`vllm.LLM(model_path, **llm_kwargs)` in this process."""
+    vllm = import_vllm()
+    return vllm.LLM(model_path, **llm_kwargs)
+
+
+def model_runner(llm):
+    return llm.llm_engine.model_executor.driver_worker.model_runner
+
+
+def driver_model(llm) -> torch.nn.Module:
+    """The `nn.Module` vLLM executes (rank-local, in this process)."""
+    return model_runner(llm).model
+
+
+def model_config(llm):
+    return model_runner(llm).vllm_config.model_config
+
+
+def packed_modules_mapping(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Fused engine module -> checkpoint modules, e.g. `qkv_proj -> [q_proj, k_proj, v_proj]`."""
+    return dict(getattr(model, "packed_modules_mapping", {}) or {})
+
+
+def load_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """vLLM's own name mapping and weight loaders (HF names -> fused params)."""
+    return set(model.load_weights(iter(weights)) or ())
+
+
+def layerwise_begin(model: torch.nn.Module) -> None:
+    """vLLM's layerwise reload: put every layer back in load format on meta."""
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    initialize_layerwise_reload(model)
+
+
+def layerwise_finish(model: torch.nn.Module, config) -> None:
+    """Process deferred layers, restore kernel tensors, reset reload state."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    finalize_layerwise_reload(model, config)
+
+
+def layerwise_live_bytes(model: torch.nn.Module) -> int:
+    """Bytes vLLM's layerwise reload holds buffered right now (any device)."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    total = 0
+    for layer in model.modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is None:
+            continue
+        for _, args in info.loaded_weights:
+            for value in args.arguments.values():
+                if isinstance(value, torch.Tensor) and not value.is_meta:
+                    total += value.nbytes
+    return total
+
+
+def sleep(llm, level: int) -> None:
+    llm.sleep(level=level)
+
+
+def wake_up(llm, tags: list[str] | None = None) -> None:
+    llm.wake_up(tags=tags)
+
+
+def read_kernel_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """A parameter's values as the kernel computes with them.
+
+    On CPU, vLLM repacks unquantized linear weights into an opaque oneDNN
+    handle (`layer.cpu_linear`) and leaves an empty `weight`. We read those back
+    exactly by multiplying with the identity: every output element is one bf16
+    weight times 1 accumulated in fp32, so `cpu_linear(I) = W^T` bit for bit.
+    """
+    tensor = getattr(module, name)
+    if name == "weight" and hasattr(module, "cpu_linear"):
+        k = tensor.shape[1] if tensor.numel() else module.input_size_per_partition
+        eye = torch.eye(k, dtype=tensor.dtype, device=tensor.device)
+        return module.cpu_linear(eye, tensor, None).t().contiguous()
+    return tensor
+
+
+def tied_followers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules that share a parameter registered first by another module (a tied LM head)."""
+    owner: dict[int, torch.nn.Module] = {}
+    followers = []
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in owner and owner[id(param)] is not module:
+                followers.append(module)
+                break
+            owner.setdefault(id(param), module)
+    return followers
+
+
+def refresh_tied_followers(model: torch.nn.Module) -> None:
+    """Re-run processing for tied followers after a reload.
+
+    A reload loads the shared tensor through its first owner only, so a
+    follower whose processing derived kernel state from it (vLLM's CPU
+    `UnquantizedEmbeddingMethod` packs the LM head into a oneDNN handle) keeps
+    the old weights. Re-processing an unquantized follower only re-derives
+    that state from the (already updated) shared tensor.
+    """
+    for module in tied_followers(model):
+        method = getattr(module, "quant_method", None)
+        if method is None:
+            continue
+        if not type(method).__name__.startswith("Unquantized"):
+            raise RuntimeError(f"tied module {type(module).__name__} with {type(method).__name__}: refresh unsupported")
+        method.process_weights_after_loading(module)

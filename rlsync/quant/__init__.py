@@ -1,0 +1,1 @@
+"""Quantized layouts, kernels and reference quantizers (see docs/architecture.md)."""
