@@ -90,17 +90,20 @@ class VLLMEngine:
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.config = EngineConfig(model=str(model), **kwargs)
         cfg = self.config
-        self.llm = vllm_adapter.build_llm(
-            cfg.model,
-            quantization=cfg.quantization,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            seed=cfg.seed,
-            enforce_eager=cfg.enforce_eager,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enable_sleep_mode=cfg.enable_sleep_mode,
+        llm_kwargs = {
+            "quantization": cfg.quantization,
+            "dtype": cfg.dtype,
+            "max_model_len": cfg.max_model_len,
+            "seed": cfg.seed,
+            "enforce_eager": cfg.enforce_eager,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "enable_sleep_mode": cfg.enable_sleep_mode,
+            # log-probs of the distribution actually sampled (after temperature),
+            # which is what the trainer's importance weights compare against
+            "logprobs_mode": "processed_logprobs",
             **cfg.llm_kwargs,
-        )
+        }
+        self.llm = vllm_adapter.build_llm(cfg.model, **llm_kwargs)
         self.model = vllm_adapter.driver_model(self.llm)
         self.packed = vllm_adapter.packed_modules_mapping(self.model)
         self.checkpoint_shapes = checkpoint_shapes(cfg.model)
@@ -122,12 +125,17 @@ class VLLMEngine:
     def sync(self, source: WeightSource | torch.nn.Module, step: int, *, verify: bool = False) -> SyncReport:
         """Push the trainer's weights into the engine; READY at `step` on success.
 
+        `source` is a `WeightSource` or a model (wrapped by `source_for`, cast to
+        the engine dtype group by group).
+
         On any failure the engine is left FAILED and `SyncError` is raised with
         the offending parameter's name where there is one.
         """
         if self.state is EngineState.SYNCING:
             raise SyncError("a sync is already in progress")
-        source = source_for(source)
+        if not isinstance(source, WeightSource):
+            # cast on the trainer side, one group at a time: the engine loads bf16 anyway
+            source = source_for(source, dtype=getattr(torch, self.config.dtype))
         self.state = EngineState.SYNCING
         received: set[str] = set()
         counts = {"bytes": 0, "groups": 0}

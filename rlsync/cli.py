@@ -1,0 +1,66 @@
+"""`rlsync` command line: run a recipe from a YAML config.
+
+    rlsync run CONFIG [key=value ...]
+
+The config's `recipe:` key names the recipe; the recipe module's config
+dataclass validates every key and type before any work starts. Multi-process
+runs go through `torchrun` / `deepspeed` launching `rlsync run` (or
+`python -m rlsync.cli run`), never a launcher of our own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import yaml
+
+from rlsync.config import load_config
+from rlsync.errors import ConfigError
+
+# recipe name -> module with `CONFIG` (config dataclass) and `main(config)`
+RECIPES = {
+    "grpo": ("recipes.grpo", "GRPOConfig"),
+}
+
+
+def load_recipe_config(path: str | Path, overrides: list[str] | None = None):
+    """(recipe module, validated config) for a YAML config file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as f:
+        raw = yaml.safe_load(f) or {}
+    recipe = next((v.partition("=")[2] for v in overrides or [] if v.startswith("recipe=")), None)
+    recipe = recipe or (raw.get("recipe") if isinstance(raw, dict) else None)
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe: {recipe!r} is not one of {', '.join(sorted(RECIPES))} (set `recipe:` in {path})")
+    module_name, class_name = RECIPES[recipe]
+    module = importlib.import_module(module_name)
+    return module, load_config(getattr(module, class_name), path, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlsync", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe from a YAML config")
+    run.add_argument("config", help="YAML config, e.g. configs/grpo/tiny_cpu_fp8.yaml")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.steps=5")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        try:
+            module, config = load_recipe_config(args.config, args.overrides)
+        except ConfigError as exc:
+            print(f"rlsync: config error: {exc}", file=sys.stderr)
+            return 2
+        result = module.main(config)
+        if result is not None and hasattr(result, "path"):
+            print(f"rlsync: run directory {result.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""RL building blocks shared by the recipes: tasks, log-probs, losses, run directories."""
