@@ -76,8 +76,9 @@ def from_dict(cls: type, data: Any, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            close = _suggest(str(key), list(fields))
+            hint = f"; did you mean {prefix}{close}?" if close else ""
+            hint += f" (valid keys under {where}: {', '.join(sorted(fields))})"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
     kwargs = {name: _convert(hints[name], data[name], f"{prefix}{name}") for name in fields if name in data}
     try:
@@ -90,6 +91,15 @@ def from_dict(cls: type, data: Any, prefix: str = ""):
     if callable(validate):
         validate()
     return obj
+
+
+def _suggest(key: str, valid: list[str]) -> str | None:
+    """The valid key the user most likely meant: a shared prefix first, then spelling."""
+    prefixed = [v for v in valid if key.startswith(v) or v.startswith(key)]
+    if prefixed:
+        return max(prefixed, key=len)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
