@@ -103,8 +103,14 @@ class VLLMEngine:
             "logprobs_mode": "processed_logprobs",
             **cfg.llm_kwargs,
         }
-        self.llm = vllm_adapter.build_llm(cfg.model, **llm_kwargs)
+        from rlsync.reload import capture, get_capture  # here: rlsync.reload imports this package
+
+        # Capture the load format as vLLM builds the model, whichever backend runs
+        # now: the rlsync backend needs it and a caller may switch backends later.
+        with vllm_adapter.capture_at_load(capture):
+            self.llm = vllm_adapter.build_llm(cfg.model, **llm_kwargs)
         self.model = vllm_adapter.driver_model(self.llm)
+        get_capture(self.model)  # fails loudly if vLLM stopped calling the capture hook
         self.packed = vllm_adapter.packed_modules_mapping(self.model)
         self.checkpoint_shapes = checkpoint_shapes(cfg.model)
         self.backend: ReloadBackend = make_backend(cfg.reload_backend, self.model, vllm_adapter.model_config(self.llm))

@@ -9,8 +9,10 @@ else in rlsync talks to vLLM through `vllm.LLM`'s public API or this module.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -152,3 +154,103 @@ def refresh_tied_followers(model: torch.nn.Module) -> None:
         if not type(method).__name__.startswith("Unquantized"):
             raise RuntimeError(f"tied module {type(module).__name__} with {type(method).__name__}: refresh unsupported")
         method.process_weights_after_loading(module)
+
+
+# ------------------------------------------------- rlsync's reload backend
+# `rlsync.reload` keeps its own capture of every layer's load format; the few
+# vLLM facts it needs (where to hook the capture, how loaders are wrapped, how a
+# layer is processed) live below.
+
+
+@contextlib.contextmanager
+def capture_at_load(callback: Callable[[torch.nn.Module], None]) -> Iterator[None]:
+    """Run `callback(model)` wherever vLLM records reload metadata while building a model.
+
+    vLLM 0.32 calls `record_metadata_for_reloading(model)` from
+    `model_loader.utils.initialize_model` right after constructing the model
+    and before loading and processing weights: the moment the load format is
+    visible. In-process (colocated) engines resolve that name from the module
+    at call time, so replacing it for the duration of `vllm.LLM(...)` runs the
+    callback at the same moment. vLLM's own recording still runs first (its
+    layerwise backend needs it). The original is restored on exit.
+    """
+    import_vllm()
+    from vllm.model_executor.model_loader import utils as loader_utils
+
+    original = loader_utils.record_metadata_for_reloading
+
+    def record_and_capture(model: torch.nn.Module) -> None:
+        original(model)
+        callback(model)
+
+    loader_utils.record_metadata_for_reloading = record_and_capture
+    try:
+        yield
+    finally:
+        loader_utils.record_metadata_for_reloading = original
+
+
+def current_vllm_config() -> Any | None:
+    """The vLLM config being built right now (set while vLLM constructs a model), else None."""
+    if "vllm.config" not in sys.modules:
+        return None
+    from vllm.config import get_current_vllm_config_or_none
+
+    return get_current_vllm_config_or_none()
+
+
+def original_weight_loader(loader: Callable | None) -> Callable | None:
+    """`loader` without vLLM's layerwise `online_process_loader` wrappers.
+
+    vLLM's online quantization wraps loaders at `create_weights` time (before
+    our capture runs); calling the wrapper later would feed vLLM's own reload
+    bookkeeping, so rlsync always calls the function underneath.
+    """
+    while loader is not None and getattr(loader, "__name__", "") == "online_process_loader":
+        loader = loader.__wrapped__
+    return loader
+
+
+def default_weight_loader() -> Callable:
+    """vLLM's loader for parameters that set none (norms): checks shape, copies."""
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader as loader
+
+    return loader
+
+
+def is_deferred_attention_layer(layer: torch.nn.Module) -> bool:
+    """Attention layers whose processing vLLM defers until every other layer is done.
+
+    Without `vllm.model_executor.layers.attention` imported no object can be
+    one of its layers, so hand-built test models never import vLLM here.
+    """
+    if "vllm.model_executor.layers.attention" not in sys.modules:
+        return False
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer as is_deferred
+
+    return is_deferred(layer)
+
+
+def process_layer(layer: torch.nn.Module) -> None:
+    """Run the layer's `process_weights_after_loading` again, as vLLM's loader does.
+
+    Online quantization methods skip processing once a layer carries
+    `_already_called_process_weights_after_loading`, so the flag is cleared
+    first. Processing may create fresh parameters stamped with the global TP
+    rank; `update_param_tp_status` re-reconciles them like vLLM's loader does.
+    """
+    layer.__dict__.pop("_already_called_process_weights_after_loading", None)
+    method = getattr(layer, "quant_method", None)
+    if method is None:
+        return
+    method.process_weights_after_loading(layer)
+    if hasattr(layer, "update_param_tp_status"):
+        layer.update_param_tp_status()
+
+
+def checkpoint_weights(vllm_config: Any, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's checkpoint from disk, through vLLM's own model loader (lazy iterator)."""
+    from vllm.model_executor.model_loader import get_model_loader
+
+    loader = get_model_loader(vllm_config.load_config)
+    return loader.get_all_weights(vllm_config.model_config, model)

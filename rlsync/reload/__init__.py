@@ -1,0 +1,98 @@
+"""rlsync's reload system: new weights into a processed vLLM model, memory bounded by one layer.
+
+Why it exists: after `process_weights_after_loading`, a vLLM layer's parameters
+are in kernel format (FP8 transposed with per-channel scales, repacked for a
+CPU GEMM, ...) and its weight loaders no longer apply. vLLM 0.32 has one way
+back (its layerwise reload, backend "vllm"); this is rlsync's own (backend
+"rlsync", the engine default), because weight sync is the core of rlsync and
+must not break when vLLM internals move, because it lets a quantization plugin
+quantize on arrival into kernel storage, and because two implementations
+checked against each other bit for bit catch bugs in both.
+
+The design:
+1. `capture(model)` (in `capture.py`), run where vLLM records its own reload
+   metadata (after construction, before loading and processing), records each
+   layer's load format: shape, stride, dtype, tensor class, attributes
+   (`weight_loader`, `output_dim`, `input_dim`, `packed_dim`, ...), as specs
+   holding no memory. The first reload records the kernel format processing
+   produced, hence which tensors processing creates (a reload deletes them).
+2. A `Reload` session (`session.py`, `layer.py`): `begin()` swaps each layer
+   back to load format on the meta device, keeping references to its kernel
+   tensors; `load(group)` runs vLLM's `model.load_weights` (its name mapping,
+   fused `qkv_proj` / `gate_up_proj` shards) whose loaders now materialize the
+   load-format tensor a shard targets and write it; the moment a layer has
+   received all its load-format elements it is processed, the results are
+   copied into the original kernel tensors, the kernel tensors go back on the
+   layer and the temporaries are freed. `commit()` fails unless every layer
+   was complete (nothing missing, nothing loaded twice: a second write raises
+   at once), restores loaders and re-derives tied followers. `abort()` puts
+   every layer back on its (old) kernel tensors; the engine stays FAILED.
+3. `reload_weights(model, weights=None, *, process_weights_after_loading=True)`
+   (`api.py`): one call; `weights=None` reloads the checkpoint from disk;
+   `process_weights_after_loading=False` copies kernel-format tensors after
+   checking every name, shape and dtype.
+4. `ONLINE_RELOAD_QUANT_CONFIGS` (`support.py`): the configs reloaded this way;
+   any other is a `ConfigError` that names `reload_backend='vllm'`.
+
+Why copy into the original storage rather than swap in the new tensors:
+CUDA graphs (and anything else that captured a kernel tensor, e.g. a compiled
+graph) hold raw data pointers. Writing into the same storage keeps every
+`data_ptr()` unchanged, so captured graphs replay with the new weights.
+
+Memory: `Reload.peak_live_bytes` counts the load-format bytes alive at once.
+Fed in layer order, at most the layers still waiting for shards are
+materialized; with checkpoint-ordered tensors that is one layer.
+`Reload.layer_load_bytes()` gives each layer's load-format size for that bound.
+Out of order, layers stay materialized until complete (the peak is reported).
+
+Quantize-on-arrival protocol (the FP8 plugin implements the other side):
+a layer whose `quant_method` class sets `rlsync_arrival = True` is not
+swapped. It keeps its kernel tensors, whose `weight_loader`s (set by the
+plugin) quantize each incoming shard straight into kernel storage. Reload only
+(1) lets `model.load_weights` call those loaders as usual, (2) counts each
+shard's `loaded_weight.numel()` against the layer's load-format element count
+from the capture (so completeness and loaded-twice checks still hold; a
+captured tensor that receives no checkpoint data, such as a scale created in
+`create_weights`, must declare `weight_loader_numel = 0`), and (3) when the
+layer is complete calls `quant_method.rlsync_finish_arrival(layer)` if the
+method defines it. `process_weights_after_loading` is not re-run for such
+layers. A plugin adds its config name to `ONLINE_RELOAD_QUANT_CONFIGS`.
+
+Limitations:
+1. Tied parameters: only the owner (the embedding) is loaded; followers (a tied
+   LM head) keep the shared tensor and are re-processed at commit, which
+   `vllm_adapter.refresh_tied_followers` supports for unquantized followers only.
+2. Padded layers: a layer whose load format has elements the checkpoint never
+   fills completes only if the creator declares `weight_loader_numel` (vLLM's
+   convention); otherwise commit reports it as not fully loaded (fail closed).
+3. Processing must reproduce the kernel format recorded at load (names, shapes,
+   dtypes); a method whose output shape depends on the values is refused.
+4. Quantization configs outside `ONLINE_RELOAD_QUANT_CONFIGS` are refused, as
+   are attention layers with checkpoint parameters (KV-cache scales). Use the
+   `vllm` backend for those.
+5. Only parameters are reloaded; buffers (rotary caches, attention scales) are
+   not checkpoint data in the supported models and are left as they are.
+6. On CPU, unquantized linear weights live in oneDNN handles that processing
+   rebuilds, so for those layers "same storage" holds for the (empty) tensor
+   only; kernel-format reloads cannot update them at all.
+7. Tensor parallel size 1 and in-process (colocated) engines only.
+"""
+
+from rlsync.reload.api import copy_kernel_format, reload_weights
+from rlsync.reload.capture import LayerCapture, ModelCapture, TensorSpec, capture, get_capture, record_kernel_format
+from rlsync.reload.session import Reload
+from rlsync.reload.support import ONLINE_RELOAD_QUANT_CONFIGS, check_supported
+
+__all__ = [
+    "ONLINE_RELOAD_QUANT_CONFIGS",
+    "LayerCapture",
+    "ModelCapture",
+    "Reload",
+    "TensorSpec",
+    "capture",
+    "check_supported",
+    "copy_kernel_format",
+    "get_capture",
+    "record_kernel_format",
+    "reload_weights",
+]

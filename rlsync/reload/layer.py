@@ -1,0 +1,283 @@
+"""One layer's part in a reload: swap to load format, fill, process, copy back.
+
+`SwappedLayer` handles a layer whose processing must run again: `swap_out()`
+replaces its parameters by load-format tensors on the meta device (keeping the
+kernel tensors aside); the first shard for a tensor materializes it; the
+original weight loader writes the shard; once the layer has received its
+load-format element count it is processed, the results are copied into the
+kernel tensors' storage, the kernel tensors go back on the layer and the
+load-format temporaries are dropped.
+
+`ArrivalLayer` handles a layer whose quant method quantizes on arrival
+(`rlsync_arrival = True`): it keeps its kernel tensors and only counts.
+
+Both guard the layer once it is complete: a further load raises instead of
+silently overwriting kernel storage. Every loader attribute they change is
+restored by `LoaderPatches.restore()`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rlsync.engine import vllm_adapter
+from rlsync.errors import SyncError
+from rlsync.reload.capture import LayerCapture, TensorSpec
+
+
+class LiveBytes:
+    """Load-format bytes alive right now and the most alive at once."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+class _CopyCounter(TorchDispatchMode):
+    """Counts elements written by `copy_`, whatever views a loader narrows first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            self.numel += args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+_MISSING = object()
+
+
+class LoaderPatches:
+    """`weight_loader` attributes replaced for one session, and how to put them back."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[torch.Tensor, Any]] = []
+
+    def set(self, tensor: torch.Tensor, loader: Callable) -> None:
+        self._saved.append((tensor, getattr(tensor, "weight_loader", _MISSING)))
+        tensor.weight_loader = loader
+
+    def restore(self) -> None:
+        for tensor, old in reversed(self._saved):
+            if old is _MISSING:
+                del tensor.weight_loader
+            else:
+                tensor.weight_loader = old
+        self._saved.clear()
+
+
+def _bind(loader: Callable, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    bound = inspect.signature(loader).bind(*args, **kwargs)
+    if "param" not in bound.arguments or "loaded_weight" not in bound.arguments:
+        raise SyncError(f"weight loader {getattr(loader, '__qualname__', loader)} has no `param` / `loaded_weight` arguments")
+    return bound
+
+
+def _shard_key(bound: inspect.BoundArguments) -> tuple:
+    """What distinguishes one shard of a tensor from another (`loaded_shard_id`, expert id, ...)."""
+    return tuple(
+        (k, repr(v)) for k, v in bound.arguments.items() if k not in ("param", "loaded_weight") and not isinstance(v, torch.Tensor)
+    )
+
+
+def _loader_of(spec_or_tensor: TensorSpec | torch.Tensor, layer: nn.Module) -> Callable:
+    """The loader a tensor's writes go through (vLLM's default where it sets none)."""
+    if isinstance(spec_or_tensor, TensorSpec):
+        loader = spec_or_tensor.weight_loader(layer)
+    else:
+        loader = vllm_adapter.original_weight_loader(getattr(spec_or_tensor, "weight_loader", None))
+    return loader if loader is not None else vllm_adapter.default_weight_loader()
+
+
+class SwappedLayer:
+    """A layer reloaded through its load format (see module docstring)."""
+
+    def __init__(self, name: str, layer: nn.Module, spec: LayerCapture, live: LiveBytes, patches: LoaderPatches) -> None:
+        self.name, self.layer, self.spec, self.live, self.patches = name, layer, spec, live, patches
+        self.kernel_params = {n: p for n, p in layer._parameters.items() if p is not None}
+        self.kernel_buffers = {n: b for n, b in layer._buffers.items() if b is not None}
+        self.non_persistent = set(layer._non_persistent_buffers_set)
+        self.loaders: dict[str, Callable] = {}
+        self.loaded = {n: 0 for n in spec.params}
+        self.total = spec.load_numel
+        self.count = 0
+        self.shards: set[tuple] = set()
+        self.materialized: dict[str, torch.Tensor] = {}
+        self.done = False
+
+    # ------------------------------------------------------------ begin
+    def swap_out(self) -> None:
+        """Kernel parameters aside; load-format parameters on meta with counting loaders."""
+        for n in self.kernel_params:
+            del self.layer._parameters[n]
+        for n, spec in self.spec.params.items():
+            self.loaders[n] = self._make_loader(n)
+            meta = spec.build(self.layer, "meta")
+            meta.weight_loader = self.loaders[n]
+            self.layer.register_parameter(n, meta)
+
+    def _make_loader(self, pname: str) -> Callable:
+        spec = self.spec.params[pname]
+        original = _loader_of(spec, self.layer)
+
+        def rlsync_reload_loader(*args: Any, **kwargs: Any) -> Any:
+            return self._load(pname, spec, original, args, kwargs)
+
+        return rlsync_reload_loader
+
+    # ------------------------------------------------------------- load
+    def _load(self, pname: str, spec: TensorSpec, original: Callable, args: tuple, kwargs: dict) -> Any:
+        if self.done:
+            raise SyncError(f"{self.name}.{pname} loaded twice: the layer was already complete in this sync")
+        bound = _bind(original, args, kwargs)
+        key = (pname, _shard_key(bound))
+        if key in self.shards:
+            raise SyncError(f"{self.name}.{pname} loaded twice (shard {dict(key[1]) or 'whole tensor'})")
+        self.shards.add(key)
+        bound.arguments["param"] = self._materialize(pname, spec)
+        with _CopyCounter() as counter:
+            result = original(*bound.args, **bound.kwargs)
+        numel = min(counter.numel, spec.load_numel)
+        self.loaded[pname] += numel
+        self.count += numel
+        if self.count >= self.total:
+            self.finish()
+        return result
+
+    def _materialize(self, pname: str, spec: TensorSpec) -> torch.Tensor:
+        tensor = self.materialized.get(pname)
+        if tensor is None:
+            tensor = spec.build(self.layer, spec.device)
+            self.layer.register_parameter(pname, tensor)
+            # a later `load_weights` call finds this tensor; its writes must be counted too
+            tensor.weight_loader = self.loaders[pname]
+            self.materialized[pname] = tensor
+            self.live.add(spec.nbytes)
+        return tensor
+
+    # ----------------------------------------------------------- finish
+    def finish(self) -> None:
+        """Process the complete layer and copy the result into the kernel tensors' storage."""
+        for pname, spec in self.spec.params.items():
+            self._materialize(pname, spec)  # tensors with no checkpoint data (declared padding)
+        vllm_adapter.process_layer(self.layer)
+        for n, kernel in self.kernel_params.items():
+            self._copy_into(n, kernel, self.layer._parameters.get(n))
+        for n, kernel in self.kernel_buffers.items():
+            current = self.layer._buffers.get(n)
+            if current is not None and current is not kernel:
+                self._copy_into(n, kernel, current)
+        self._place_kernel_tensors()
+        self.done = True
+        for tensor in self.kernel_params.values():
+            self.patches.set(tensor, self._closed_loader)
+
+    def _copy_into(self, n: str, kernel: torch.Tensor, new: torch.Tensor | None) -> None:
+        if new is None:
+            raise SyncError(f"{self.name}: processing did not recreate kernel tensor {n!r}")
+        if new.shape != kernel.shape or new.dtype != kernel.dtype:
+            raise SyncError(
+                f"{self.name}.{n}: processing produced {tuple(new.shape)}/{new.dtype} but the kernel tensor is "
+                f"{tuple(kernel.shape)}/{kernel.dtype}; the rlsync backend copies into the original storage "
+                "and needs the same kernel format every time"
+            )
+        with torch.no_grad():
+            kernel.data.copy_(new.data)
+
+    def _place_kernel_tensors(self) -> None:
+        for n in [n for n, p in self.layer._parameters.items() if p is not None]:
+            del self.layer._parameters[n]
+        for n in [n for n in self.layer._buffers if n not in self.kernel_buffers]:
+            del self.layer._buffers[n]  # created by processing this time, absent from the kernel format
+        for n, p in self.kernel_params.items():
+            self.layer.register_parameter(n, p)
+        for n, b in self.kernel_buffers.items():
+            self.layer._buffers[n] = b
+        self.layer._non_persistent_buffers_set.clear()
+        self.layer._non_persistent_buffers_set.update(self.non_persistent)
+        self.live.release(sum(self.spec.params[n].nbytes for n in self.materialized))
+        self.materialized.clear()
+
+    def _closed_loader(self, *args: Any, **kwargs: Any) -> None:
+        raise SyncError(f"{self.name} loaded twice: the layer was already complete and processed in this sync")
+
+    # ------------------------------------------------------- commit/abort
+    def missing(self) -> list[str]:
+        """`name: loaded/expected` for each tensor not fully loaded."""
+        if self.done:
+            return []
+        return [
+            f"{self.name}.{n}: {self.loaded[n]}/{spec.load_numel} elements"
+            for n, spec in self.spec.params.items()
+            if self.loaded[n] < spec.load_numel
+        ]
+
+    def restore(self) -> None:
+        """Put the (old) kernel tensors back, whatever state the layer is in; drop temporaries."""
+        if not self.done:
+            self._place_kernel_tensors()
+
+
+class ArrivalLayer:
+    """A layer whose quant method quantizes each shard on arrival straight into kernel storage.
+
+    The plugin's loaders write; this only counts shard elements against the
+    capture's load-format numel and, when the layer is complete, calls
+    `quant_method.rlsync_finish_arrival(layer)` if the method defines it.
+    """
+
+    def __init__(self, name: str, layer: nn.Module, spec: LayerCapture, patches: LoaderPatches) -> None:
+        self.name, self.layer, self.spec, self.patches = name, layer, spec, patches
+        self.total = spec.load_numel
+        self.count = 0
+        self.shards: set[tuple] = set()
+        self.done = False
+
+    def swap_out(self) -> None:
+        """Nothing leaves the layer; its kernel tensors' loaders are wrapped to count."""
+        for pname, tensor in self.layer._parameters.items():
+            if tensor is not None:
+                self.patches.set(tensor, self._make_loader(pname, _loader_of(tensor, self.layer)))
+
+    def _make_loader(self, pname: str, original: Callable) -> Callable:
+        def rlsync_arrival_loader(*args: Any, **kwargs: Any) -> Any:
+            bound = _bind(original, args, kwargs)
+            key = (pname, _shard_key(bound))
+            numel = bound.arguments["loaded_weight"].numel()
+            if self.done or key in self.shards or self.count + numel > self.total:
+                raise SyncError(f"{self.name}.{pname} loaded twice (shard {dict(key[1]) or 'whole tensor'})")
+            self.shards.add(key)
+            result = original(*bound.args, **bound.kwargs)
+            self.count += numel
+            if self.count >= self.total:
+                self.finish()
+            return result
+
+        return rlsync_arrival_loader
+
+    def finish(self) -> None:
+        self.done = True
+        finish = getattr(type(self.layer.quant_method), "rlsync_finish_arrival", None)
+        if finish is not None:
+            self.layer.quant_method.rlsync_finish_arrival(self.layer)
+
+    def missing(self) -> list[str]:
+        return [] if self.done else [f"{self.name}: {self.count}/{self.total} elements arrived"]
+
+    def restore(self) -> None:
+        """Kernel tensors never left; contents after an abort are undefined."""

@@ -1,0 +1,147 @@
+"""`Reload`: one sync through rlsync's capture/restore backend.
+
+`begin()` checks the model against its capture, then swaps every reloadable
+layer to load format (see `rlsync.reload.layer`); `load(group)` runs vLLM's
+`model.load_weights` on the group, whose loaders now fill, process and copy
+back each layer the moment it is complete; `commit()` checks that every layer
+was complete, restores loaders and re-derives tied followers; `abort()` puts
+every layer back on its kernel tensors.
+
+Which layers take part:
+- a module with captured parameters is swapped (`SwappedLayer`), unless
+- its quant method sets `rlsync_arrival = True` (`ArrivalLayer`: counted only),
+- it is a tied follower (an LM head sharing the embedding): it keeps the shared
+  kernel tensor, which the owner's reload updates, and is re-processed at commit,
+- it is a deferred attention layer: these hold no checkpoint parameters in the
+  supported configs; one that does is refused (ConfigError) before any change.
+Modules with buffers only (rotary caches, attention scales) are left alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from rlsync.engine import vllm_adapter
+from rlsync.engine.backends import ReloadBackend
+from rlsync.errors import ConfigError, SyncError
+from rlsync.reload.capture import KernelSpec, ModelCapture, get_capture, record_kernel_format
+from rlsync.reload.layer import ArrivalLayer, LiveBytes, LoaderPatches, SwappedLayer
+from rlsync.reload.support import check_supported
+from rlsync.source.base import Group
+
+
+def is_arrival_layer(layer: nn.Module) -> bool:
+    """The layer's quant method quantizes each incoming shard straight into kernel storage."""
+    return getattr(type(getattr(layer, "quant_method", None)), "rlsync_arrival", False) is True
+
+
+class Reload(ReloadBackend):
+    """rlsync's reload backend: layer-by-layer restore, load, process, copy into kernel storage."""
+
+    name = "rlsync"
+
+    def __init__(self, model: nn.Module, model_config: Any | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.capture: ModelCapture = get_capture(model)
+        quantization = model_config.quantization if model_config is not None else self.capture.quantization
+        check_supported(quantization)
+        self.live = LiveBytes()
+        self.layers: list[SwappedLayer | ArrivalLayer] = []
+        self.patches = LoaderPatches()
+        self.loaded_names: set[str] = set()
+        """Engine parameter names `model.load_weights` reported in this session."""
+        self.open = False
+
+    # ---------------------------------------------------------- queries
+    @property
+    def live_bytes(self) -> int:
+        """Load-format bytes alive right now."""
+        return self.live.live
+
+    def layer_load_bytes(self) -> dict[str, int]:
+        """Load-format bytes of each layer this backend materializes during a reload."""
+        return {name: spec.load_bytes for name, spec, kind in self._plan() if kind == "swap"}
+
+    def _plan(self) -> list[tuple[str, Any, str]]:
+        """(module name, capture, "swap" | "arrival") for every layer that takes part."""
+        followers = {id(m) for m in vllm_adapter.tied_followers(self.model)}
+        plan = []
+        for name, layer in self.model.named_modules():
+            spec = self.capture.layers.get(name)
+            if spec is None or not spec.params or id(layer) in followers:
+                continue
+            if vllm_adapter.is_deferred_attention_layer(layer):
+                raise ConfigError(
+                    f"{name}: attention layers with checkpoint parameters (e.g. KV-cache scales) are not "
+                    "supported by reload_backend='rlsync'; use reload_backend='vllm'"
+                )
+            plan.append((name, spec, "arrival" if is_arrival_layer(layer) else "swap"))
+        return plan
+
+    # ---------------------------------------------------------- session
+    def begin(self) -> None:
+        if self.open:
+            raise SyncError("a reload session is already open on this model")
+        plan = self._plan()
+        modules = dict(self.model.named_modules())
+        if any(spec.kernel is None for spec in self.capture.layers.values()):
+            record_kernel_format(self.model)  # first reload: the model is as processing left it
+        for name, spec, _ in plan:
+            _check_kernel_format(name, modules[name], spec.kernel)
+        self.live = LiveBytes()
+        self.peak_live_bytes = 0
+        self.loaded_names = set()
+        self.layers = []
+        self.open = True
+        for name, spec, kind in plan:
+            if kind == "swap":
+                session = SwappedLayer(name, modules[name], spec, self.live, self.patches)
+            else:
+                session = ArrivalLayer(name, modules[name], spec, self.patches)
+            session.swap_out()
+            self.layers.append(session)
+
+    def load(self, group: Group) -> None:
+        if not self.open:
+            raise SyncError("load() outside a reload session: call begin() first")
+        try:
+            self.loaded_names |= vllm_adapter.load_weights(self.model, group)
+        finally:
+            self.peak_live_bytes = self.live.peak
+
+    def commit(self) -> None:
+        if not self.open:
+            raise SyncError("commit() outside a reload session")
+        missing = [line for session in self.layers for line in session.missing()]
+        if missing:
+            raise SyncError(
+                f"reload incomplete: {len(missing)} tensors not fully loaded, e.g. " + "; ".join(missing[:5])
+            )
+        self.patches.restore()
+        self.layers = []
+        self.open = False
+        self.peak_live_bytes = self.live.peak
+        vllm_adapter.refresh_tied_followers(self.model)
+
+    def abort(self) -> None:
+        for session in self.layers:
+            session.restore()
+        self.patches.restore()
+        self.layers = []
+        self.open = False
+        self.peak_live_bytes = self.live.peak
+
+
+def _check_kernel_format(name: str, layer: nn.Module, kernel: dict[str, KernelSpec] | None) -> None:
+    """The layer still holds the kernel tensors processing produced at load (or the first reload)."""
+    assert kernel is not None
+    current = {n: (tuple(p.shape), p.dtype) for n, p in layer._parameters.items() if p is not None}
+    recorded = {n: (k.shape, k.dtype) for n, k in kernel.items() if not k.is_buffer}
+    if current != recorded:
+        raise SyncError(
+            f"{name}: parameters {current} differ from the kernel format recorded after load {recorded}; "
+            "was the model modified outside rlsync (or its weights discarded by sleep level 2)?"
+        )
