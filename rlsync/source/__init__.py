@@ -1,15 +1,20 @@
-"""Trainer side: `WeightSource` implementations and `source_for(model)`."""
+"""Trainer side: `WeightSource` implementations and `source_for(model)`.
 
-from rlsync.source.base import GatherStats, Group, TensorMeta, WeightSource
-from rlsync.source.names import group_key, hf_name
+Importing this package imports torch only; DeepSpeed and PEFT are looked at
+only when a model uses them.
+"""
+
+from rlsync.source.base import GatherStats, Group, SourceConfig, TensorMeta, WeightSource
+from rlsync.source.fsdp import FSDP1Source, FSDP2Source
+from rlsync.source.gather import GatheringSource
+from rlsync.source.lockstep import LockstepError
+from rlsync.source.names import group_key, hf_name, is_trainer_only
 from rlsync.source.plain import ModuleSource
+from rlsync.source.select import source_for
+from rlsync.source.zero import Zero3Source
 
-
-def source_for(model, **kwargs) -> WeightSource:
-    """The `WeightSource` that fits how `model` is wrapped (plain module or DDP here)."""
-    if isinstance(model, WeightSource):
-        return model
-    return ModuleSource(model, **kwargs)
-
-
-__all__ = ["GatherStats", "Group", "ModuleSource", "TensorMeta", "WeightSource", "group_key", "hf_name", "source_for"]
+__all__ = [
+    "FSDP1Source", "FSDP2Source", "GatherStats", "GatheringSource", "Group", "LockstepError", "ModuleSource",
+    "SourceConfig", "TensorMeta", "WeightSource", "Zero3Source", "group_key", "hf_name", "is_trainer_only",
+    "source_for",
+]

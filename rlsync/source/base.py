@@ -7,8 +7,13 @@ layerwise reload and rlsync's reload process layers in. A source never holds
 more than one gathered group: it frees group g before gathering g+1, and it
 counts the gathered bytes alive so tests and benchmarks can check that bound.
 
-What a source does not do: choose which ranks consume (every rank iterates, the
-gathers are collectives) or cast to the engine's dtype unless asked (`dtype`).
+In a multi-process trainer every rank iterates `groups()` in lockstep (the
+gathers are collectives). Ranks that own an engine consume the groups (through
+`VLLMEngine.sync`); the others call `drain()`. A sync with `verify=True`
+iterates a second time, so every rank must make the same calls.
+
+What a source does not do: choose which ranks consume, or cast to the engine's
+dtype unless asked (`dtype`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,24 @@ from collections.abc import Iterator
 import torch
 
 Group = list[tuple[str, torch.Tensor]]
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class SourceConfig:
+    """Options every `WeightSource` accepts."""
+
+    dtype: torch.dtype | None = None
+    """Cast yielded tensors to this dtype (one group at a time); None keeps the trainer's."""
+    bucket_bytes: int | None = None
+    """Split groups so one bucket gathers at most this many bytes; None yields whole groups."""
+    timeout_s: float = 300.0
+    """How long a rank waits for the others at a lockstep check before failing."""
+
+    def __post_init__(self) -> None:
+        if self.bucket_bytes is not None and self.bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive or None, got {self.bucket_bytes}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True, frozen=True)
@@ -50,7 +73,7 @@ class GatherStats:
     peak_bytes: int = 0
     """Most gathered bytes alive at once since the last reset."""
     num_groups: int = 0
-    """Groups yielded since the last reset."""
+    """Groups (buckets, when split) yielded since the last reset."""
 
     def add(self, nbytes: int) -> None:
         self.live_bytes += nbytes
@@ -66,9 +89,19 @@ class GatherStats:
 class WeightSource(abc.ABC):
     """Yields a trainer model's full weights, one layer group at a time."""
 
-    def __init__(self, *, dtype: torch.dtype | None = None) -> None:
-        self.dtype = dtype
+    def __init__(
+        self,
+        *,
+        dtype: torch.dtype | None = None,
+        bucket_bytes: int | None = None,
+        timeout_s: float = 300.0,
+    ) -> None:
+        self.config = SourceConfig(dtype=dtype, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
         self.stats = GatherStats()
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.config.dtype
 
     @abc.abstractmethod
     def metadata(self) -> list[TensorMeta]:
@@ -77,6 +110,13 @@ class WeightSource(abc.ABC):
     @abc.abstractmethod
     def groups(self) -> Iterator[Group]:
         """Full tensors, one group at a time; a group is invalid after the next is requested."""
+
+    def drain(self) -> int:
+        """Iterate every group without consuming it (ranks without an engine); returns the group count."""
+        count = 0
+        for _ in self.groups():
+            count += 1
+        return count
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()

@@ -1,20 +1,24 @@
-"""`ModuleSource`: a single-process (or DDP) model whose parameters are local.
+"""`ModuleSource`: a model whose parameters are local and full on every rank.
 
-Nothing is gathered: groups are views of the trainer's own parameters (or casts
-of them when `dtype` is set, which are the only bytes counted as gathered).
-Tied parameters (an LM head sharing the embedding) are yielded once, under the
-name registered first, as `named_parameters()` already deduplicates them.
+Covers a single-process model, DDP (`.module`), DeepSpeed ZeRO-1/2 (the
+engine's `.module` holds full parameters; only optimizer state and gradients
+are partitioned) and any of them with PEFT/LoRA. Nothing is gathered and no
+collective runs, so no lockstep is needed: groups are views of the trainer's
+own parameters, and the only bytes counted are those derived from them (LoRA
+merges, dtype casts). Tied parameters (an LM head sharing the embedding) are
+yielded once, under the name registered first.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from rlsync.source.base import Group, TensorMeta, WeightSource
-from rlsync.source.names import group_key, hf_name
+from rlsync.source.gather import Entry, GatheringSource
+from rlsync.source.names import group_key
 
 
 def iter_named_groups(named: list[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -32,29 +36,20 @@ def iter_named_groups(named: list[tuple[str, torch.Tensor]]) -> Iterator[list[tu
         yield current
 
 
-class ModuleSource(WeightSource):
-    """Weights of a plain `nn.Module` (unwraps DDP's `.module`)."""
+class ModuleSource(GatheringSource):
+    """Weights of a module with local parameters (unwraps DDP's `.module`)."""
 
-    def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None) -> None:
-        super().__init__(dtype=dtype)
-        self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    def __init__(self, model: nn.Module, **options) -> None:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        super().__init__(model, **options)
 
-    def _named(self) -> list[tuple[str, torch.Tensor]]:
-        return [(hf_name(n), p) for n, p in self.model.named_parameters()]
-
-    def metadata(self) -> list[TensorMeta]:
+    def _entries(self) -> list[Entry]:
         return [
-            TensorMeta(name=n, shape=tuple(p.shape), dtype=self.dtype or p.dtype)
-            for n, p in self._named()
+            Entry(raw=name, shape=tuple(p.shape), dtype=p.dtype, param=p)
+            for name, p in self.model.named_parameters()
         ]
 
-    def groups(self) -> Iterator[Group]:
-        self.stats.reset()
-        for group in iter_named_groups(self._named()):
-            out = [(n, self._cast(p)) for n, p in group]
-            cast_bytes = sum(t.nbytes for (_, t), (_, p) in zip(out, group) if t is not p.data and t.data_ptr() != p.data_ptr())
-            self.stats.add(cast_bytes)
-            self.stats.num_groups += 1
-            yield out
-            del out
-            self.stats.release(cast_bytes)
+    @contextlib.contextmanager
+    def _gather(self, entries: list[Entry]) -> Iterator[list[torch.Tensor]]:
+        yield [e.param for e in entries]

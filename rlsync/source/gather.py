@@ -1,0 +1,242 @@
+"""The pipeline every trainer source shares: plan, bucket, gather, merge, yield, free.
+
+A backend (plain, FSDP1, FSDP2, ZeRO-3) only says which parameters the model
+has (`_entries`: raw name, full shape, dtype) and how to materialize a set of
+them in full (`_gather`, plus `_scope` for backends whose unit of gathering is
+coarser than a tensor). Everything else lives here once: Hugging Face names,
+LoRA merging (`lora.py`), tied weights yielded once, grouping by layer, the
+byte budget, lockstep checks between ranks (`lockstep.py`) and the count of
+gathered bytes alive.
+
+Byte accounting: an item costs the bytes its gather materializes (full
+tensors of sharded parameters, counted by the backend) plus the bytes rlsync
+derives from them (merged LoRA weights, dtype casts). A bucket's bytes are
+added to `stats` when gathered and released when the consumer asks for the
+next bucket, so `stats.peak_bytes` is the most that was alive at once.
+
+Limitations:
+1. A single item larger than `bucket_bytes` (one huge embedding, or a LoRA
+   base weight with its factors and merged copy) forms a bucket of its own,
+   which exceeds the budget; parameters are never split.
+2. Only parameters are yielded, not buffers (Hugging Face checkpoints of the
+   supported architectures hold none that the engine loads).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from rlsync.source.base import Group, TensorMeta, WeightSource
+from rlsync.source.lockstep import Lockstep, LockstepError, distributed_world
+from rlsync.source.lora import LoraPlan, lora_plan, merged_weight
+from rlsync.source.names import group_key, hf_name, is_trainer_only
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Entry:
+    """One trainer parameter, possibly sharded."""
+
+    raw: str
+    """Name as the (wrapped) trainer model registers it."""
+    shape: tuple[int, ...]
+    """Full (unsharded) shape."""
+    dtype: torch.dtype
+    """The parameter's dtype."""
+    param: torch.Tensor | None = None
+    """The trainer's parameter object, where the backend reads it directly."""
+    owner: Any = None
+    """Backend-specific handle (the FSDP1 unit that owns it)."""
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Item:
+    """One yielded tensor and the entries needed to produce it."""
+
+    name: str
+    """Hugging Face name."""
+    entries: list[Entry]
+    """The parameter itself first, then LoRA factors (A, B per adapter)."""
+    lora: list = dataclasses.field(default_factory=list)
+    """`lora.Factor`s to merge into the first entry."""
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class GroupPlan:
+    key: str
+    """Printable group name (e.g. `model.layers.3`, `model.embed_tokens`)."""
+    buckets: list[list[Item]]
+
+
+def split_buckets(items: Sequence[Item], costs: Sequence[int], budget: int | None) -> list[list[Item]]:
+    """Consecutive items packed greedily into buckets of at most `budget` bytes (see limitation 1)."""
+    if budget is None:
+        return [list(items)] if items else []
+    buckets: list[list[Item]] = []
+    current: list[Item] = []
+    used = 0
+    for item, cost in zip(items, costs, strict=True):
+        if current and used + cost > budget:
+            buckets.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += cost
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+class GatheringSource(WeightSource):
+    """A `WeightSource` built from a backend's entries and gather; see the module docstring."""
+
+    #: Whether `_gather`/`_scope` run collectives (then ranks check lockstep before each).
+    collective: bool = False
+
+    def __init__(self, model: torch.nn.Module, *, lora: LoraPlan | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.model = model
+        self.lora = lora if lora is not None else lora_plan(model)
+
+    # ------------------------------------------------------------ backend
+    @abc.abstractmethod
+    def _entries(self) -> list[Entry]:
+        """Every trainer parameter once (tied ones deduplicated), in model order."""
+
+    @abc.abstractmethod
+    def _gather(self, entries: list[Entry]) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+        """Full tensors of `entries` (in order), valid inside the context."""
+
+    def _gathered_nbytes(self, entries: list[Entry]) -> int:
+        """Bytes `_gather(entries)` materializes beyond the trainer's storage."""
+        return 0
+
+    def _scope(self, entries: list[Entry]) -> contextlib.AbstractContextManager[int]:
+        """Held around all buckets of one group; yields the bytes it gathered."""
+        return contextlib.nullcontext(0)
+
+    # ------------------------------------------------------------ planning
+    def _items(self) -> list[Item]:
+        entries = self._entries()
+        by_raw = {e.raw: e for e in entries}
+        items: list[Item] = []
+        seen: dict[str, str] = {}
+        for entry in entries:
+            if is_trainer_only(entry.raw) or entry.raw in self.lora.skip:
+                continue
+            name = hf_name(entry.raw)
+            if name in seen:
+                raise ValueError(f"trainer parameters {seen[name]!r} and {entry.raw!r} both map to {name!r}")
+            seen[name] = entry.raw
+            factors = self.lora.factors.get(entry.raw, [])
+            needed = [entry]
+            for factor in factors:
+                needed += [by_raw[factor.a], by_raw[factor.b]]
+            items.append(Item(name=name, entries=needed, lora=factors))
+        return items
+
+    def _derived_nbytes(self, item: Item) -> int:
+        base = item.entries[0]
+        out_dtype = self.dtype or base.dtype
+        merged = base.nbytes if item.lora else 0
+        cast = torch.Size(base.shape).numel() * out_dtype.itemsize if out_dtype != base.dtype else 0
+        return merged + cast
+
+    def _item_cost(self, item: Item) -> int:
+        return self._gathered_nbytes(item.entries) + self._derived_nbytes(item)
+
+    def plan(self) -> list[GroupPlan]:
+        """Groups (consecutive items with one `group_key`) split into buckets."""
+        plans: list[GroupPlan] = []
+        run: list[Item] = []
+        for item in self._items():
+            if run and group_key(item.name) != group_key(run[-1].name):
+                plans.append(self._group_plan(run))
+                run = []
+            run.append(item)
+        if run:
+            plans.append(self._group_plan(run))
+        return plans
+
+    def _group_plan(self, items: list[Item]) -> GroupPlan:
+        key = group_key(items[0].name) or items[0].name.rsplit(".", 1)[0]
+        costs = [self._item_cost(item) for item in items]
+        return GroupPlan(key=f"group {key}", buckets=split_buckets(items, costs, self.config.bucket_bytes))
+
+    def metadata(self) -> list[TensorMeta]:
+        return [
+            TensorMeta(name=item.name, shape=item.entries[0].shape, dtype=self.dtype or item.entries[0].dtype)
+            for item in self._items()
+        ]
+
+    # ------------------------------------------------------------ iteration
+    def groups(self) -> Iterator[Group]:
+        self.stats.reset()
+        lockstep = Lockstep(self.config.timeout_s) if self.collective and distributed_world() > 1 else None
+        where = "the first group"
+        try:
+            for group in self.plan():
+                where = group.key
+                if lockstep is not None:
+                    lockstep.check(where)
+                group_entries = [e for bucket in group.buckets for item in bucket for e in item.entries]
+                with self._scope(group_entries) as scope_bytes:
+                    self.stats.add(scope_bytes)
+                    for index, bucket in enumerate(group.buckets):
+                        if index and lockstep is not None:
+                            lockstep.check(f"{where} (bucket {index})")
+                        yield from self._bucket(bucket)
+                    self.stats.release(scope_bytes)
+            if lockstep is not None:
+                lockstep.check("the end of the sync")
+        except BaseException as exc:
+            if lockstep is None or isinstance(exc, LockstepError):
+                raise  # a LockstepError already ended the round protocol
+            if isinstance(exc, GeneratorExit):
+                exc = RuntimeError(f"the consumer stopped iterating at {where}")
+                lockstep.fail(where, exc)
+                raise
+            peer_error = lockstep.fail(where, exc)
+            if peer_error is not None:
+                raise peer_error from exc
+            raise
+
+    def _bucket(self, bucket: list[Item]) -> Iterator[Group]:
+        entries = [e for item in bucket for e in item.entries]
+        gathered = self._gathered_nbytes(entries)
+        with self._gather(entries) as full:
+            self.stats.add(gathered)
+            with torch.no_grad():
+                out, derived = self._finish(bucket, full)
+            del full
+            self.stats.add(derived)
+            self.stats.num_groups += 1
+            yield out
+            del out
+        self.stats.release(gathered + derived)
+
+    def _finish(self, bucket: list[Item], full: list[torch.Tensor]) -> tuple[Group, int]:
+        """Merge LoRA and cast: the yielded tensors, and the bytes derived beyond the gather."""
+        out: Group = []
+        derived = 0
+        pos = 0
+        for item in bucket:
+            tensors = full[pos: pos + len(item.entries)]
+            pos += len(item.entries)
+            value = tensors[0].detach()
+            if item.lora:
+                value = merged_weight(value, [(f, tensors[1 + 2 * i], tensors[2 + 2 * i]) for i, f in enumerate(item.lora)])
+                derived += value.nbytes
+            cast = self._cast(value)
+            if cast.data_ptr() != value.data_ptr():
+                derived += cast.nbytes
+            out.append((item.name, cast))
+        return out, derived
