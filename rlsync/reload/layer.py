@@ -96,12 +96,16 @@ def _shard_key(bound: inspect.BoundArguments) -> tuple:
 
 
 def _loader_of(spec_or_tensor: TensorSpec | torch.Tensor, layer: nn.Module) -> Callable:
-    """The loader a tensor's writes go through (vLLM's default where it sets none)."""
+    """The loader a tensor's writes go through (vLLM's default where it sets none, resolved on use)."""
     if isinstance(spec_or_tensor, TensorSpec):
         loader = spec_or_tensor.weight_loader(layer)
     else:
         loader = vllm_adapter.original_weight_loader(getattr(spec_or_tensor, "weight_loader", None))
-    return loader if loader is not None else vllm_adapter.default_weight_loader()
+    return loader if loader is not None else _default_loader
+
+
+def _default_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
+    vllm_adapter.default_weight_loader()(param, loaded_weight)
 
 
 class SwappedLayer:

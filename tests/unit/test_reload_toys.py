@@ -1,0 +1,224 @@
+"""Hand-built toy layers shaped like vLLM's (fused shards, kernel-format processing, a tied head),
+and the capture tests. No vLLM import: the reload core runs on plain torch modules.
+
+The toy quant method does what vLLM's online FP8 does structurally: it replaces
+`weight` by a transposed, quantized tensor and creates `weight_scale`.
+"""
+
+import gc
+import re
+import weakref
+
+import torch
+from torch import nn
+
+from rlsync.engine import vllm_adapter
+from rlsync.reload import capture, get_capture
+
+IN = 16
+SHARDS = {"q": 16, "k": 8, "v": 8}
+
+
+def copy_loader(param, loaded_weight):
+    assert param.shape == loaded_weight.shape, (param.shape, loaded_weight.shape)
+    param.data.copy_(loaded_weight)
+
+
+class ToyQuant:
+    """Per-row int8 quantization into a transposed kernel weight plus a new `weight_scale`."""
+
+    def __init__(self):
+        self.num_processed = 0
+
+    def process_weights_after_loading(self, layer):
+        if getattr(layer, "_already_called_process_weights_after_loading", False):
+            return
+        w = layer.weight.data.float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-6) / 127
+        layer.weight = nn.Parameter(torch.round(w / scale).to(torch.int8).t(), requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+        layer._already_called_process_weights_after_loading = True
+        self.num_processed += 1
+
+
+class ToyArrivalQuant:
+    """Quantize-on-arrival protocol: kernel tensors exist from the start, loaders quantize each shard."""
+
+    rlsync_arrival = True
+
+    def __init__(self):
+        self.num_processed = 0
+        self.num_finished = 0
+
+    def process_weights_after_loading(self, layer):
+        self.num_processed += 1  # nothing to do: shards were quantized as they arrived
+
+    def rlsync_finish_arrival(self, layer):
+        self.num_finished += 1
+
+
+class ToyFused(nn.Module):
+    """A linear layer whose weight takes shards (`q`, `k`, `v`) like vLLM's QKVParallelLinear."""
+
+    def __init__(self, shards, *, quant=None, bias=False):
+        super().__init__()
+        self.shards = shards
+        out = sum(shards.values())
+        self.quant_method = quant
+        if isinstance(quant, ToyArrivalQuant):
+            weight = nn.Parameter(torch.empty(out, IN, dtype=torch.int8), requires_grad=False)
+            weight.weight_loader = self.arrival_loader
+            scale = nn.Parameter(torch.empty(out, 1), requires_grad=False)
+            scale.weight_loader_numel = 0  # no checkpoint data: the protocol's convention
+            self.register_parameter("weight_scale", scale)
+        else:
+            weight = nn.Parameter(torch.empty(out, IN), requires_grad=False)
+            weight.weight_loader = self.weight_loader
+        weight.output_dim, weight.input_dim = 0, 1
+        self.register_parameter("weight", weight)
+        if bias:
+            b = nn.Parameter(torch.empty(out), requires_grad=False)
+            b.weight_loader, b.output_dim = self.weight_loader, 0
+            self.register_parameter("bias", b)
+
+    def weight_loader(self, param, loaded_weight, loaded_shard_id=None):
+        if loaded_shard_id is None:
+            return copy_loader(param, loaded_weight)
+        names = list(self.shards)
+        offset = sum(self.shards[n] for n in names[: names.index(loaded_shard_id)])
+        param.data.narrow(0, offset, self.shards[loaded_shard_id]).copy_(loaded_weight)
+
+
+    def arrival_loader(self, param, loaded_weight, loaded_shard_id=None):
+        names = list(self.shards)
+        name = loaded_shard_id or names[0]
+        offset = sum(self.shards[n] for n in names[: names.index(name)])
+        w = loaded_weight.float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-6) / 127
+        param.data.narrow(0, offset, self.shards[name]).copy_(torch.round(w / scale).to(torch.int8))
+        self.weight_scale.data.narrow(0, offset, self.shards[name]).copy_(scale)
+
+
+class ToyPlain(nn.Module):
+    """A norm / embedding / head: one weight, a plain loader, no processing."""
+
+    def __init__(self, *shape):
+        super().__init__()
+        weight = nn.Parameter(torch.empty(*shape), requires_grad=False)
+        weight.weight_loader = copy_loader
+        self.weight = weight
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, quant_factory):
+        super().__init__()
+        self.qkv = ToyFused(SHARDS, quant=quant_factory(), bias=True)
+        self.down = ToyFused({"w": IN}, quant=quant_factory())
+        self.norm = ToyPlain(IN)
+
+
+class ToyModel(nn.Module):
+    """embed, 2 blocks, final norm, head tied to embed (tied after construction, as in vLLM)."""
+
+    packed = {"qkv": ["q", "k", "v"]}
+
+    def __init__(self, quant_factory=ToyQuant, num_layers=2):
+        super().__init__()
+        self.embed = ToyPlain(8, IN)
+        self.layers = nn.ModuleList(ToyBlock(quant_factory) for _ in range(num_layers))
+        self.norm = ToyPlain(IN)
+        self.head = ToyPlain(8, IN)
+
+    def tie(self):
+        self.head.weight = self.embed.weight
+
+    def load_weights(self, weights):
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            if name.startswith("head."):
+                continue  # tied
+            m = re.fullmatch(r"layers\.(\d+)\.(q|k|v)\.(weight|bias)", name)
+            if m:
+                target = f"layers.{m[1]}.qkv.{m[3]}"
+                params[target].weight_loader(params[target], tensor, m[2])
+            elif name.endswith(".w.weight"):
+                target = name.replace(".w.", ".down.")
+                params[target].weight_loader(params[target], tensor, "w")
+            else:
+                target = name
+                params[target].weight_loader(params[target], tensor)
+            loaded.add(target)
+        return loaded
+
+
+def checkpoint_groups(seed=0, num_layers=2):
+    """Checkpoint-named tensors (fp32, like a trainer), one group per layer."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    groups = [[("embed.weight", rnd(8, IN))]]
+    for i in range(num_layers):
+        group = []
+        for s, n in SHARDS.items():
+            group += [(f"layers.{i}.{s}.weight", rnd(n, IN)), (f"layers.{i}.{s}.bias", rnd(n))]
+        group += [(f"layers.{i}.w.weight", rnd(IN, IN)), (f"layers.{i}.norm.weight", rnd(IN))]
+        groups.append(group)
+    groups.append([("norm.weight", rnd(IN))])
+    return groups
+
+
+def build_toy(seed=0, quant_factory=ToyQuant):
+    """Construct, capture (before processing), tie, load and process: what vLLM does at startup."""
+    model = ToyModel(quant_factory)
+    capture(model)
+    model.tie()
+    model.load_weights([t for g in checkpoint_groups(seed) for t in g])
+    for module in model.modules():
+        vllm_adapter.process_layer(module)
+    return model
+
+
+def kernel_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_bits_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].dtype == b[n].dtype and a[n].shape == b[n].shape, n
+        assert torch.equal(a[n].view(torch.uint8) if a[n].dtype == torch.int8 else a[n], b[n].view(torch.uint8) if b[n].dtype == torch.int8 else b[n]), n
+
+
+# ------------------------------------------------------------------ capture
+def test_capture_records_load_format_not_kernel_format():
+    model = build_toy()
+    layer = model.layers[0].qkv
+    spec = get_capture(model).layers["layers.0.qkv"]
+    w = spec.params["weight"]
+    assert (w.shape, w.stride, w.dtype, w.cls) == ((32, IN), (IN, 1), torch.float32, nn.Parameter)
+    assert w.attrs["output_dim"] == 0 and w.attrs["input_dim"] == 1
+    assert w.weight_loader(layer) == layer.weight_loader  # re-bound to the layer
+    assert set(spec.params) == {"weight", "bias"}
+    assert spec.load_numel == 32 * IN + 32 and spec.load_bytes == (32 * IN + 32) * 4
+    # the model is now in kernel format: int8, transposed, with a scale
+    assert layer.weight.dtype == torch.int8 and layer.weight.shape == (IN, 32)
+    assert "weight_scale" in layer._parameters and "weight_scale" not in spec.params
+
+
+def test_capture_holds_no_tensors_and_no_model():
+    model = build_toy()
+    spec = get_capture(model).layers["layers.0.qkv"].params["weight"]
+    assert not any(isinstance(v, torch.Tensor) for v in spec.attrs.values())
+    meta = spec.build(model.layers[0].qkv, "meta")
+    assert meta.is_meta and type(meta) is nn.Parameter and meta.output_dim == 0
+    ref = weakref.ref(model)
+    del model, meta
+    gc.collect()
+    assert ref() is None
+
+
+def test_get_capture_without_capture_names_the_fix():
+    import pytest
+
+    with pytest.raises(ValueError, match="rlsync.reload.capture"):
+        get_capture(ToyModel())
