@@ -101,6 +101,16 @@ def layerwise_live_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def native_reload_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """vLLM's own in-place reload from an iterator: `initialize_layerwise_reload`,
+    `model.load_weights`, `finalize_layerwise_reload` in one model-runner call.
+
+    rlsync does not sync this way (no validation, no tied-head refresh); the
+    benchmarks use it as the baseline vLLM users have today.
+    """
+    model_runner(llm).reload_weights(weights_iterator=weights)
+
+
 def sleep(llm, level: int) -> None:
     llm.sleep(level=level)
 
