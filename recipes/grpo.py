@@ -1,15 +1,21 @@
 """GRPO with FP8 rollouts from a colocated vLLM engine, synced every step.
 
     rlsync run configs/grpo/tiny_cpu_fp8.yaml [key=value ...]
+    rlsync run configs/grpo/tiny_cpu_fp8.yaml resume=true      # continue from the last checkpoint
 
-Each step samples `group_size` completions per prompt from the engine, scores
-them with the task's reward, normalizes advantages within each group, takes a
-policy step on the trainer model, and syncs the new weights into the engine
-(which re-quantizes them to FP8). Metrics go to `<run dir>/metrics.jsonl`.
+Each step samples `group_size` completions per prompt from the engine (seeded
+by (run seed, step), so a resumed run samples what an uninterrupted one would),
+scores them with the task's reward, normalizes advantages within each group,
+takes the clipped policy step (with the truncated importance weight for the
+FP8-engine / trainer mismatch and, if `kl_coef` > 0, a KL penalty to the frozen
+initial policy), and syncs the new weights into the engine, which
+re-quantizes them. Metrics go to `<run dir>/metrics.jsonl`, checkpoints to
+`<run dir>/checkpoints/` every `run.checkpoint_every` steps.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Literal
@@ -19,9 +25,13 @@ from tqdm import tqdm
 
 from rlsync.engine import EngineConfig, VLLMEngine
 from rlsync.errors import ConfigError
+from rlsync.rl.checks import check_run
 from rlsync.rl.grpo import GRPOHParams, group_advantages, grpo_update
-from rlsync.rl.logprobs import make_batch
+from rlsync.rl.optim import build_optimizer
+from rlsync.rl.resume import Checkpointer, is_rank0
+from rlsync.rl.rollout import collect, sync_source
 from rlsync.rl.run import RunConfig, RunDir
+from rlsync.rl.state import TrainState
 from rlsync.rl.tasks import TaskConfig, make_task
 from rlsync.rl.trainer_model import ModelConfig, load_trainer_model
 
@@ -33,6 +43,10 @@ class SyncConfig:
     verify_every: int = 0
     """Verify every N-th sync bit for bit against the reference (0 = never)."""
 
+    def validate(self) -> None:
+        if self.verify_every < 0:
+            raise ConfigError(f"sync.verify_every must be >= 0, got {self.verify_every}")
+
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class GRPOConfig:
@@ -40,12 +54,14 @@ class GRPOConfig:
 
     recipe: Literal["grpo"] = "grpo"
     """Which recipe this config is for."""
+    resume: bool = False
+    """Continue the run in `run.output_dir/run.name` from its newest complete checkpoint."""
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    """Run directory and seed."""
+    """Run directory, seed, checkpoints, logging."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """Policy checkpoint (null path = the built-in tiny model)."""
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
-    """Rollout engine (its `model` comes from `model.path`)."""
+    """Rollout engine (its `model` comes from `model.path`, its `seed` from `run.seed`)."""
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     """Synthetic task and reward."""
     grpo: GRPOHParams = dataclasses.field(default_factory=GRPOHParams)
@@ -56,38 +72,44 @@ class GRPOConfig:
     def validate(self) -> None:
         if self.engine.model:
             raise ConfigError("engine.model is set from model.path; leave it out of the config")
+        check_run(self.model, self.engine, prompt_length=self.task.prompt_length, max_tokens=self.grpo.max_tokens,
+                  section="grpo")
 
 
 def main(cfg: GRPOConfig) -> RunDir:
-    torch.manual_seed(cfg.run.seed)
-    run = RunDir(cfg.run, cfg)
-    policy, model_path, tokenizer = load_trainer_model(cfg.model)
-    engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
-    task = make_task(cfg.task, seed=cfg.run.seed)
+    cfg.validate()  # again: model.path must exist now, so the model checks run
     hp = cfg.grpo
+    torch.manual_seed(cfg.run.seed)
+    run = RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0())
+    policy, model_path, tokenizer = load_trainer_model(cfg.model)
     reference = _frozen_copy(policy) if hp.kl_coef > 0 else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    optimizer = build_optimizer(policy.parameters(), hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+                                kwargs=hp.optimizer_kwargs, section="grpo")
+    task = make_task(cfg.task, seed=cfg.run.seed)
+    state = TrainState(modules={"policy": policy}, optimizers={"policy": optimizer}, task=task)
+    engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
+    source = sync_source(policy, cfg.engine.dtype, progress=cfg.run.progress and is_rank0())
+    ckpt = Checkpointer(run, cfg.run, state)
+    start = ckpt.resume(engine, source) if cfg.resume else ckpt.start()
 
-    bar = tqdm(range(1, hp.steps + 1), desc="grpo", unit="step")
+    bar = tqdm(range(start + 1, hp.steps + 1), desc="grpo", unit="step", disable=not (cfg.run.progress and is_rank0()))
     for step in bar:
-        start = time.perf_counter()
-        prompts = [tokenizer(p)["input_ids"] for p in task.prompts(hp.prompts_per_step)]
-        results = engine.generate(prompts, n=hp.group_size, max_tokens=hp.max_tokens, temperature=hp.temperature)
-        samples = [(r.prompt_token_ids, c) for r in results for c in r.completions]
-        rewards = torch.tensor([task.reward(c.text) for _, c in samples])
-        batch = make_batch([p for p, _ in samples], [c.token_ids for _, c in samples], [c.logprobs for _, c in samples])
-        metrics = grpo_update(policy, optimizer, batch, group_advantages(rewards, hp.group_size), hp, reference)
+        t0 = time.perf_counter()
+        rollout = collect(engine, task, tokenizer, num_prompts=hp.prompts_per_step, n=hp.group_size,
+                          max_tokens=hp.max_tokens, temperature=hp.temperature, seed=cfg.run.seed, step=step)
+        advantages = group_advantages(rollout.rewards, hp.group_size)
+        metrics = grpo_update(policy, optimizer, rollout.batch, advantages, hp, reference)
         verify = cfg.sync.verify_every > 0 and step % cfg.sync.verify_every == 0
-        report = engine.sync(policy, step=step, verify=verify)
-        metrics.update(reward=float(rewards.mean()), step_seconds=time.perf_counter() - start, **report.metrics())
+        report = engine.sync(source, step=step, verify=verify)
+        metrics.update(reward=float(rollout.rewards.mean()), step_seconds=time.perf_counter() - t0, **report.metrics())
         run.log(step, metrics)
+        ckpt.maybe_save(step, final=step == hp.steps)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", sync_s=f"{report.seconds:.3f}")
+    run.close()
     return run
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
     return ref

@@ -13,11 +13,13 @@ optional terms FP8 rollouts want:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
 from rlsync.errors import ConfigError
 from rlsync.rl.logprobs import RolloutBatch, token_logprobs
+from rlsync.rl.optim import check_optimizer
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -35,9 +37,13 @@ class GRPOHParams:
     temperature: float = 1.0
     """Sampling temperature (the trainer scores at the same temperature)."""
     lr: float = 5e-4
-    """AdamW learning rate."""
+    """Learning rate."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Weight decay."""
+    optimizer: str = "torch.optim.AdamW"
+    """Optimizer class; only classes under `torch.optim` are accepted."""
+    optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra optimizer arguments (e.g. betas), checked against the class signature."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     updates_per_step: int = 1
@@ -59,6 +65,12 @@ class GRPOHParams:
             raise ConfigError(f"grpo.temperature must be > 0, got {self.temperature}")
         if self.is_cap is not None and self.is_cap < 1:
             raise ConfigError(f"grpo.is_cap must be >= 1 or null, got {self.is_cap}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.lr <= 0 or self.clip_ratio <= 0 or self.max_grad_norm <= 0:
+            raise ConfigError("grpo.lr, grpo.clip_ratio and grpo.max_grad_norm must be > 0, "
+                              f"got {self.lr}, {self.clip_ratio}, {self.max_grad_norm}")
+        check_optimizer(self.optimizer, self.optimizer_kwargs, "grpo", self.weight_decay)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -78,10 +90,14 @@ def policy_loss(
     hp: GRPOHParams,
     ref_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean clipped surrogate (+ IS weights, + KL); returns loss and stats."""
+    """Token-mean clipped surrogate (+ IS weights, + KL); returns loss and stats.
+
+    `advantages` is [B] (one per sequence, GRPO) or [B, T-1] (per token, PPO);
+    `hp` is any settings object with `clip_ratio`, `is_cap` and `kl_coef`.
+    """
     mask = batch.completion_mask
     ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - hp.clip_ratio, 1 + hp.clip_ratio) * adv)
     if hp.is_cap is not None:
         is_weight = torch.exp(old_logp - batch.rollout_logprobs).clamp(max=hp.is_cap).detach()

@@ -1,55 +1,170 @@
-"""A run directory: the resolved config and a metrics JSONL, one line per step.
+"""A run directory: resolved config, metrics JSONL, checkpoints, optional TensorBoard.
 
 Why JSONL: appending a line per step survives a killed run (every finished step
 is on disk), and any tool reads it. The resolved config (after overrides) is
 written first, so a run directory alone says how it was produced.
+
+Resume: `RunDir(..., resume=True)` reopens an existing directory, refuses a
+config that differs from the saved one in anything but the keys in
+`RESUMABLE_CHANGES` (a resumed run must be the same experiment), and
+`truncate_after(step)` drops metric lines past the checkpoint being resumed,
+since those steps are about to be recomputed. A fresh start in a directory that
+holds checkpoints is refused unless `run.overwrite` is set, so forgetting
+`resume=true` never silently discards a long run.
+
+Limitations:
+1. Only rank 0 writes (`writer=False` elsewhere); other ranks get a RunDir that
+   knows its path and ignores `log`.
+2. TensorBoard gets the same scalars as the JSONL, nothing else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rlsync.config import to_dict
+from rlsync.errors import ConfigError
+from rlsync.rl import checkpoint
+
+# Dotted config keys a resumed run may change: how long it runs and how it
+# logs, never what it computes. Keys ending in ".steps" match any recipe section.
+RESUMABLE_CHANGES = (
+    "resume", ".steps", "run.checkpoint_every", "run.keep_checkpoints", "run.tensorboard", "run.progress",
+    "run.overwrite", "sync.verify_every",
+)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class RunConfig:
-    """Where a run writes and how it is seeded."""
+    """Where a run writes, how it is seeded, how often it checkpoints."""
 
     output_dir: str = "runs"
     """Parent directory of run directories."""
     name: str = "grpo-tiny"
     """Run directory name under `output_dir`."""
     seed: int = 0
-    """Seed for torch, the task's prompts and the engine's sampling."""
+    """Seed for torch, the task's prompts and the engine's sampling (a per-step seed derived from it)."""
+    checkpoint_every: int = 0
+    """Save policy, optimizer, RNG and step every N steps, and after the last step (0 = never)."""
+    keep_checkpoints: int = 2
+    """Newest complete checkpoints kept (0 = keep all)."""
+    overwrite: bool = False
+    """Allow a fresh (non-resume) run to delete checkpoints already in its run directory."""
+    tensorboard: bool = False
+    """Also write metrics as TensorBoard scalars under `<run dir>/tensorboard`."""
+    progress: bool = True
+    """Progress bars for training steps and syncs."""
+
+    def validate(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"run.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"run.name must be a plain directory name, got {self.name!r}")
 
 
 class RunDir:
     """Creates `output_dir/name`, writes `config.yaml`, appends `metrics.jsonl`."""
 
-    def __init__(self, config: RunConfig, resolved: Any, *, append: bool = False) -> None:
+    def __init__(self, config: RunConfig, resolved: Any, *, resume: bool = False, writer: bool = True) -> None:
+        self.config = config
         self.path = Path(config.output_dir) / config.name
-        self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
-        if not append and self.metrics_path.exists():
-            self.metrics_path.unlink()
-        with (self.path / "config.yaml").open("w") as f:
-            yaml.safe_dump(to_dict(resolved), f, sort_keys=False)
+        self.writer = writer
+        self._tb = None
+        if not writer:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        config_path = self.path / "config.yaml"
+        resolved_dict = to_dict(resolved)
+        if resume and config_path.exists():
+            _check_same_experiment(yaml.safe_load(config_path.read_text()) or {}, resolved_dict, config_path)
+        elif not resume:
+            ckpts = checkpoint.checkpoint_dir(self.path)
+            if ckpts.exists():
+                if not config.overwrite:
+                    raise ConfigError(
+                        f"run.name: {self.path} already holds checkpoints; pass resume=true to continue that run, "
+                        f"run.overwrite=true to start over, or another run.name"
+                    )
+                warnings.warn(f"run.overwrite: deleting the old checkpoints in {ckpts}", stacklevel=2)
+                shutil.rmtree(ckpts)
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+        with config_path.open("w") as f:
+            yaml.safe_dump(resolved_dict, f, sort_keys=False)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metric records of steps after `step` (they are recomputed after a resume)."""
+        if not self.writer or not self.metrics_path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.metrics_path)
+
+    def open_tensorboard(self, purge_step: int | None = None) -> None:
+        """Start TensorBoard logging; `purge_step` discards events at or after it (resume)."""
+        if not self.writer:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.path / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.writer:
+            return
         record = {"step": step, "time": time.time(), **metrics}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All metric records of a run, in order."""
     path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _check_same_experiment(saved: dict, resolved: dict, config_path: Path) -> None:
+    saved_flat, new_flat = _flatten(saved), _flatten(resolved)
+    changed = sorted(k for k in saved_flat.keys() | new_flat.keys() if saved_flat.get(k) != new_flat.get(k))
+    blocking = [k for k in changed if not any(k == r or (r.startswith(".") and k.endswith(r)) for r in RESUMABLE_CHANGES)]
+    if blocking:
+        details = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in blocking[:5])
+        raise ConfigError(
+            f"resume: the config differs from the run's saved {config_path} in {details}; a resumed run must be "
+            f"the same experiment (only {', '.join(RESUMABLE_CHANGES)} may change)"
+        )
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): data}

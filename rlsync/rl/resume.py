@@ -1,0 +1,88 @@
+"""Resume and periodic checkpoints for a recipe's loop, in two calls.
+
+    ckpt = Checkpointer(run, cfg.run, state)
+    start = ckpt.resume(engine, source) if cfg.resume else ckpt.start()
+    for step in range(start + 1, steps + 1):
+        ...
+        ckpt.maybe_save(step, final=step == steps)
+
+Why the engine is part of resume: the engine loads the base checkpoint from
+disk when it is built, so after restoring the policy it must be synced with
+the restored weights *before* the first rollout, or step k+1 would sample from
+the base model. `resume` does that sync (tagged with the checkpoint's step).
+
+On resume, metric lines after the checkpoint's step are dropped (they are
+recomputed), TensorBoard events from that step on are purged, and stale
+`.tmp-*` directories of interrupted writes are removed.
+
+Limitations:
+1. Rank 0 writes the checkpoint (`state_dict` is still called on every rank,
+   since it is collective when distributed).
+2. A resume with no checkpoint yet starts from step 0 with a warning, so a
+   preemptible job can always pass `resume=true`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import torch.distributed as dist
+
+from rlsync.rl import checkpoint
+from rlsync.rl.run import RunConfig, RunDir
+from rlsync.rl.state import TrainState
+
+
+def is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class Checkpointer:
+    """Saves `state` every `config.checkpoint_every` steps into `run`, and restores the newest."""
+
+    def __init__(self, run: RunDir, config: RunConfig, state: TrainState) -> None:
+        self.run = run
+        self.config = config
+        self.state = state
+        self.saved_step: int | None = None
+
+    def start(self) -> int:
+        """A fresh run: step 0 (the engine already holds the base weights)."""
+        if self.config.tensorboard:
+            self.run.open_tensorboard()
+        return 0
+
+    def resume(self, engine, source) -> int:
+        """Load the newest complete checkpoint, sync it into `engine`; returns its step (0 if none)."""
+        root = checkpoint.checkpoint_dir(self.run.path)
+        if is_rank0() and root.is_dir():
+            for partial in root.glob(".tmp-*"):
+                shutil.rmtree(partial)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        latest = checkpoint.find_latest(self.run.path)
+        if latest is None:
+            warnings.warn(f"resume=true but {root} holds no complete checkpoint; starting from step 0", stacklevel=2)
+            self.run.truncate_after(0)
+            return self.start()
+        step = self.state.load_state_dict(checkpoint.load_checkpoint(latest))
+        self.run.truncate_after(step)
+        if self.config.tensorboard:
+            self.run.open_tensorboard(purge_step=step + 1)
+        engine.sync(source, step=step)
+        self.saved_step = step
+        return step
+
+    def maybe_save(self, step: int, *, final: bool = False) -> bool:
+        """Save at every `checkpoint_every`-th step and at the final one; True if saved."""
+        every = self.config.checkpoint_every
+        if every <= 0 or not (step % every == 0 or final) or step == self.saved_step:
+            return False
+        state = self.state.state_dict(step)
+        if is_rank0():
+            checkpoint.save_checkpoint(self.run.path, step, state, keep=self.config.keep_checkpoints)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        self.saved_step = step
+        return True

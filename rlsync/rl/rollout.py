@@ -1,0 +1,85 @@
+"""Rollouts from the colocated engine and the sync back into it, shared by the recipes.
+
+Why here: GRPO and PPO sample, score and sync the same way; only their losses
+differ. Two choices make runs reproducible and resumable:
+- every `generate` call is seeded with `step_seed(run seed, step)` (vLLM gives
+  the i-th completion of a prompt seed + i), so step s samples the same tokens
+  whether or not the run was restarted before it, given the same weights;
+- the sync goes through a `WeightSource` built here (cast to the engine dtype
+  group by group, as the engine would) wrapped in `ProgressSource`, which draws
+  a progress bar over layer groups without touching the source's bounds.
+
+Limitations:
+1. One seed per call: prompt j's i-th completion and prompt k's i-th completion
+   draw from the same per-request random stream (vLLM takes one SamplingParams
+   per `VLLMEngine.generate` call). Groups stay independent within themselves,
+   which is what group advantages need; see the recipes' docstrings.
+2. Rewards are sequence-level (the task's `reward(text)`), as the tasks are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from tqdm import tqdm
+
+from rlsync.rl.logprobs import RolloutBatch, make_batch
+from rlsync.rl.state import step_seed
+from rlsync.source import WeightSource, source_for
+from rlsync.source.base import Group, TensorMeta
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Rollout:
+    """One step's samples: `num_prompts * n` sequences, prompt by prompt."""
+
+    batch: RolloutBatch
+    rewards: torch.Tensor
+    """[B] sequence-level rewards."""
+    texts: list[str]
+    """Completion texts, in batch order."""
+
+
+def collect(engine, task, tokenizer, *, num_prompts: int, n: int, max_tokens: int, temperature: float,
+            seed: int, step: int) -> Rollout:
+    """Sample `n` completions for each of `num_prompts` task prompts from the engine."""
+    prompts = [tokenizer(p)["input_ids"] for p in task.prompts(num_prompts)]
+    results = engine.generate(prompts, n=n, max_tokens=max_tokens, temperature=temperature,
+                              seed=step_seed(seed, step))
+    samples = [(r.prompt_token_ids, c) for r in results for c in r.completions]
+    batch = make_batch([p for p, _ in samples], [c.token_ids for _, c in samples], [c.logprobs for _, c in samples])
+    texts = [c.text for _, c in samples]
+    rewards = torch.tensor([task.reward(t) for t in texts], dtype=torch.float32)
+    return Rollout(batch=batch, rewards=rewards, texts=texts)
+
+
+class ProgressSource(WeightSource):
+    """A `WeightSource` that shows a progress bar over another source's groups."""
+
+    def __init__(self, inner: WeightSource, *, desc: str = "sync", enabled: bool = True) -> None:
+        super().__init__(dtype=inner.dtype)
+        self.inner = inner
+        self.stats = inner.stats  # the engine reports the inner source's gather bounds
+        self.desc = desc
+        self.enabled = enabled
+        self._num_groups: int | None = None
+
+    def metadata(self) -> list[TensorMeta]:
+        return self.inner.metadata()
+
+    def groups(self) -> Iterator[Group]:
+        bar = tqdm(desc=self.desc, unit="group", total=self._num_groups, leave=False, disable=not self.enabled)
+        count = 0
+        with bar:
+            for group in self.inner.groups():
+                count += 1
+                bar.update(1)
+                yield group
+        self._num_groups = count  # known after the first sync; later bars show a total
+
+
+def sync_source(policy: torch.nn.Module, engine_dtype: str, *, progress: bool) -> WeightSource:
+    """The source a recipe syncs from: `source_for(policy)` cast to the engine dtype, with a bar."""
+    return ProgressSource(source_for(policy, dtype=getattr(torch, engine_dtype)), enabled=progress)
