@@ -175,11 +175,14 @@ def _verify_expectation(layer: torch.nn.Module, weight_NK: torch.Tensor) -> dict
 
 
 def register() -> None:
-    """Register the config with vLLM and the verify reference (idempotent)."""
+    """Register the config with vLLM, the verify reference and the rlsync reload backend (idempotent)."""
     from rlsync.engine.verify import KERNEL_EXPECTATIONS
+    from rlsync.reload.support import ONLINE_RELOAD_QUANT_CONFIGS
 
     register_quantization_config(NAME)(RLSyncFp8Config)
     KERNEL_EXPECTATIONS[RLSyncFp8LinearMethod.__name__] = _verify_expectation
+    # Checked bit for bit against vLLM's layerwise reload in tests/integration/test_plugin_fp8.py.
+    ONLINE_RELOAD_QUANT_CONFIGS.add(NAME)
 
 
 # ------------------------------------------------------------- vLLM's FP8 kernels
