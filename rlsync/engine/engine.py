@@ -48,7 +48,7 @@ class EngineConfig:
     """Checkpoint directory (Hugging Face layout, safetensors)."""
     quantization: str | None = None
     """None (bf16), `fp8_per_channel` (vLLM online FP8) or `rlsync_fp8` (rlsync's plugin)."""
-    reload_backend: str = "vllm"
+    reload_backend: str = "rlsync"
     """`rlsync` (capture/restore, quantize on arrival) or `vllm` (vLLM's layerwise reload)."""
     dtype: str = "bfloat16"
     """Engine compute dtype."""
