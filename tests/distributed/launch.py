@@ -1,0 +1,68 @@
+"""Start the real launchers (torchrun, deepspeed) or plain rank processes from pytest, with a wall-time bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(out: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "RLSYNC_TEST_OUT": str(out), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "DS_ACCELERATOR": "cpu",
+    })
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list[str], out: Path, timeout_s: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(out), capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        raise AssertionError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{tail}")
+    return proc
+
+
+def torchrun(script: str, args: list[str], out: Path, timeout_s: float) -> list[list[dict]]:
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(HERE / script), *args]
+    _run(cmd, out, timeout_s)
+    return results(out)
+
+
+def deepspeed(script: str, args: list[str], out: Path, timeout_s: float) -> list[list[dict]]:
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / script), *args]
+    _run(cmd, out, timeout_s)
+    return results(out)
+
+
+def results(out: Path) -> list[list[dict]]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def plain_ranks(script: str, args: list[str], out: Path) -> list[subprocess.Popen]:
+    """Two processes with RANK/WORLD_SIZE/MASTER_* set (torch.distributed env:// init), no launcher."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = _env(out, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
+        log = open(out / f"log{rank}", "w")
+        procs.append(subprocess.Popen([sys.executable, str(HERE / script), *args], cwd=REPO, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    return procs
