@@ -75,7 +75,8 @@ Limitations:
 6. On CPU, unquantized linear weights live in oneDNN handles that processing
    rebuilds, so for those layers "same storage" holds for the (empty) tensor
    only; kernel-format reloads cannot update them at all.
-7. Tensor parallel size 1 and in-process (colocated) engines only.
+7. In-process (colocated) engines only (the capture hook patches vLLM in this
+   process); tested with tensor parallel size 1 only.
 """
 
 from rlsync.reload.api import copy_kernel_format, reload_weights

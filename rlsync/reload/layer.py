@@ -206,7 +206,7 @@ class SwappedLayer:
     def _place_kernel_tensors(self) -> None:
         for n in [n for n, p in self.layer._parameters.items() if p is not None]:
             del self.layer._parameters[n]
-        for n in [n for n in self.layer._buffers if n not in self.kernel_buffers]:
+        for n in [n for n, b in self.layer._buffers.items() if b is not None and n not in self.kernel_buffers]:
             del self.layer._buffers[n]  # created by processing this time, absent from the kernel format
         for n, p in self.kernel_params.items():
             self.layer.register_parameter(n, p)
