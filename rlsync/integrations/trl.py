@@ -61,9 +61,11 @@ class RLSyncConfig:
     """How the callback builds and syncs the colocated engine."""
 
     quantization: str | None = "fp8_per_channel"
-    """Engine layout: None (bf16), `fp8_per_channel` (vLLM online FP8) or `rlsync_fp8`."""
-    reload_backend: str = "vllm"
-    """`vllm` (vLLM's layerwise reload) or `rlsync` (capture/restore, quantize on arrival)."""
+    """Engine layout: None (bf16), `fp8_per_channel` (vLLM online FP8) or `rlsync_fp8` (see `fp8_scheme`)."""
+    fp8_scheme: str | None = None
+    """`rlsync_fp8` only: scale granularity `tensor`, `channel` or `block` (None = channel)."""
+    reload_backend: str = "rlsync"
+    """`rlsync` (capture/restore, quantize on arrival) or `vllm` (vLLM's layerwise reload)."""
     verify_every: int = 0
     """Prove every N-th sync bit for bit against the reference quantization (0 = never)."""
     reject_nonfinite: bool = False
@@ -80,6 +82,16 @@ class RLSyncConfig:
             raise ConfigError(f"verify_every must be >= 0, got {self.verify_every}")
         if self.reload_backend not in ("vllm", "rlsync"):
             raise ConfigError(f"reload_backend must be 'vllm' or 'rlsync', got {self.reload_backend!r}")
+        if self.fp8_scheme is not None and self.quantization != "rlsync_fp8":
+            raise ConfigError(f"fp8_scheme applies to quantization='rlsync_fp8' only, got {self.quantization!r}")
+
+    def engine_llm_kwargs(self) -> dict[str, Any]:
+        """`llm_kwargs` plus the `hf_overrides` that select the `rlsync_fp8` scheme."""
+        if self.fp8_scheme is None:
+            return dict(self.llm_kwargs)
+        from rlsync.quant.plugin import hf_overrides
+
+        return {"hf_overrides": hf_overrides(self.fp8_scheme), **self.llm_kwargs}
 
 
 class RLSyncCallback(TrainerCallback):
@@ -123,7 +135,7 @@ class RLSyncCallback(TrainerCallback):
         llm_kwargs = dict(settings.llm_kwargs)
         if settings.max_model_len is None:
             llm_kwargs["max_model_len"] = None  # as trl: vLLM infers it from the model config
-        llm_kwargs.update(cfg.llm_kwargs)
+        llm_kwargs.update(cfg.engine_llm_kwargs())
         self.engine = VLLMEngine(
             cfg.model_path or settings.model,
             quantization=cfg.quantization,

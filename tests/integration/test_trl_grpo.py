@@ -1,0 +1,196 @@
+"""trl's GRPOTrainer with RLSyncCallback: FP8 engine, layer-group syncs, verified every step, LoRA merged per group.
+
+Real trl 1.16 and vLLM's CPU build. Every sync runs with verify, which proves
+bit for bit that the engine's kernel tensors are the reference FP8
+quantization of the trainer's weights at that step.
+"""
+
+import copy
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlsync.cli import load_recipe_config
+from rlsync.engine.verify import verify_groups
+from rlsync.errors import ConfigError, EngineNotReady, SyncError
+from rlsync.rl.run import read_metrics
+from rlsync.rl.trainer_model import load_trainer_model
+from rlsync.source import ModuleSource, group_key
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs/trl/grpo_tiny_cpu_fp8.yaml"
+SMALL = [  # 2 prompts x 4 completions of 8 tokens per step: seconds per step on 2 cores
+    "trl.per_device_train_batch_size=8", "trl.num_generations=4", "trl.max_completion_length=8",
+    "trl.num_prompts=32", "trl.learning_rate=0.001", "rlsync.verify_every=1",
+]
+_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HF_HUB_OFFLINE")
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_restore_env():
+    """No hub access; undo the rank variables trl's colocate setup exports, for the tests after these."""
+    saved = {k: os.environ.get(k) for k in _ENV}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _num_layer_groups(names):
+    keys = [group_key(n) for n in names]
+    return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+
+
+def _count_loads(monkeypatch):
+    from rlsync.reload import Reload
+
+    calls = []
+    original = Reload.load
+
+    def load(self, group):
+        calls.append([name for name, _ in group])
+        return original(self, group)
+
+    monkeypatch.setattr(Reload, "load", load)
+    return calls
+
+
+def _train_records(trainer):
+    return [r for r in trainer.state.log_history if "loss" in r]
+
+
+def test_unsupported_trl_version_fails_at_construction(monkeypatch):
+    import trl
+
+    from rlsync.integrations.trl import RLSyncCallback
+
+    monkeypatch.setattr(trl, "__version__", "1.15.2")
+    with pytest.raises(ConfigError, match=r"supports trl >=1\.16\.0,<1\.17\.0; found trl 1\.15\.2"):
+        RLSyncCallback()
+
+
+@pytest.mark.parametrize("bad", [{"use_vllm": False}, {"vllm_mode": "server"}, {"vllm_tensor_parallel_size": 2}])
+def test_callback_refuses_what_it_cannot_take_over(tmp_path, bad):
+    from trl import GRPOConfig
+
+    from rlsync.integrations.trl import RLSyncCallback
+
+    args = dict(output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate", use_cpu=True, bf16=False)
+    with pytest.raises(ConfigError, match="RLSyncCallback"):
+        RLSyncCallback().on_init_end(GRPOConfig(**{**args, **bad}), None, None, model=torch.nn.Linear(1, 1))
+
+
+def test_config_options_are_checked():
+    from rlsync.integrations.trl import RLSyncConfig
+
+    with pytest.raises(ConfigError, match="fp8_scheme"):
+        RLSyncConfig(quantization="fp8_per_channel", fp8_scheme="block")
+    with pytest.raises(ConfigError, match="verify_every"):
+        RLSyncConfig(verify_every=-1)
+    _, cfg = load_recipe_config(CONFIG)
+    assert cfg.recipe == "trl_grpo" and cfg.rlsync.quantization == "fp8_per_channel"
+    with pytest.raises(ConfigError, match="num_generations"):
+        load_recipe_config(CONFIG, ["trl.per_device_train_batch_size=12", "trl.num_generations=8"])
+
+
+def test_grpo_recipe_fp8_verified_every_step(tmp_path, monkeypatch):
+    loads = _count_loads(monkeypatch)
+    module, cfg = load_recipe_config(
+        CONFIG, SMALL + ["trl.max_steps=3", f"run.output_dir={tmp_path}", "run.name=t"]
+    )
+    initial = dict(load_trainer_model(cfg.model)[0].named_parameters())
+    run = module.main(cfg)
+    trainer, callback = run.trainer, run.callback
+    engine = callback.engine
+
+    # trl syncs before each step's rollout: steps 0, 1, 2, each verified bit for bit
+    assert [(r.step, r.verified) for r in callback.reports] == [(0, True), (1, True), (2, True)]
+    records = _train_records(trainer)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        for key in ("loss", "reward", "sync/seconds", "sync/gbps", "sync/bytes", "sync/groups",
+                    "sampling/sampling_logp_difference/mean", "sampling/importance_sampling_ratio/mean"):
+            assert key in r and math.isfinite(r[key]), (key, r)
+        assert r["sync/verified"] == 1.0
+        # FP8 rollouts really differ from the fp32 trainer: that is what trl's IS correction reweights
+        assert r["sampling/sampling_logp_difference/mean"] > 0
+    assert [m["step"] for m in read_metrics(run.path) if "sync/seconds" in m] == [1, 2, 3]
+
+    # one backend load per layer group, not per parameter
+    names = list(engine.checkpoint_shapes)
+    num_groups = _num_layer_groups(names)
+    assert num_groups == 4 and len(names) == 26  # embed, layer 0, layer 1, final norm (head tied)
+    assert len(loads) == 3 * num_groups
+    assert all(r.num_groups == num_groups and r.num_tensors == len(names) for r in callback.reports)
+
+    # the last optimizer step is synced at the next rollout; sync it now through trl's own entry point
+    policy = trainer.model
+    assert any(not torch.equal(initial[n], p) for n, p in policy.named_parameters()), "training changed nothing"
+    trainer.vllm_generation.sync_weights()
+    assert (callback.reports[-1].step, callback.reports[-1].verified) == (3, True)
+    assert engine.step == trainer.state.global_step == 3
+
+    # rollouts are refused from stale weights (trainer ahead of the engine) ...
+    prompts = [[5, 6, 7]]
+    trainer.state.global_step = 4
+    with pytest.raises(EngineNotReady, match="step 3 weights but the trainer is at step 4"):
+        trainer.vllm_generation.generate(prompts=prompts, images=None, num_generations=1)
+    trainer.state.global_step = 3
+    assert len(trainer.vllm_generation.generate(prompts=prompts, images=None, num_generations=1)[1]) == 1
+    # ... and from a failed sync (the engine stays FAILED until a full sync)
+    with pytest.raises(SyncError):
+        engine.sync(torch.nn.Linear(2, 2), step=3)
+    with pytest.raises(EngineNotReady, match="failed"):
+        trainer.vllm_generation.generate(prompts=prompts, images=None, num_generations=1)
+
+
+def test_grpo_lora_merged_per_group_base_untouched(tiny_path, tmp_path):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from recipes.trl_grpo import vowel_reward
+    from rlsync.integrations.trl import RLSyncCallback
+
+    datasets = pytest.importorskip("datasets")
+    callback = RLSyncCallback(quantization="fp8_per_channel", verify_every=1)
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+        reward_funcs=vowel_reward,
+        args=GRPOConfig(
+            output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate", use_cpu=True, bf16=False,
+            per_device_train_batch_size=8, num_generations=4, max_completion_length=8, max_steps=2,
+            learning_rate=0.01, logging_steps=1, report_to=[], save_strategy="no", vllm_max_model_length=64,
+        ),
+        train_dataset=datasets.Dataset.from_dict({"prompt": ["bcdfgh:", "jklmnp:", "qrstvw:", "xzbcdf:"] * 4}),
+        processing_class=AutoTokenizer.from_pretrained(tiny_path),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        callbacks=[callback],
+    )
+    trainer.train()
+    peft_model, engine = trainer.model, callback.engine
+    assert [(r.step, r.verified) for r in callback.reports] == [(0, True), (1, True)]
+    for r in _train_records(trainer):
+        assert math.isfinite(r["loss"]) and math.isfinite(r["reward"]) and r["sync/verified"] == 1.0
+    assert any(bool(p.abs().sum() > 0) for n, p in peft_model.named_parameters() if "lora_B" in n)
+
+    base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" not in n}
+    trainer.vllm_generation.sync_weights()  # the last step's adapters, merged one layer group at a time
+    assert callback.reports[-1].verified and callback.reports[-1].num_groups == 4
+    for n, p in peft_model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), f"sync changed the trainer's base weight {n}"
+
+    # independently of rlsync's merge: the engine holds FP8(PEFT's merge_and_unload()), not FP8(base)
+    written = set(engine.checkpoint_shapes)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    assert verify_groups(engine.model, engine.packed, ModuleSource(merged, dtype=torch.bfloat16).groups(), written) > 0
+    unmerged = copy.deepcopy(peft_model).unload()
+    with pytest.raises(SyncError, match="bits differ"):
+        verify_groups(engine.model, engine.packed, ModuleSource(unmerged, dtype=torch.bfloat16).groups(), written)
