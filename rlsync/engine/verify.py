@@ -96,32 +96,40 @@ def expected_tensors(item: _Item, tensors: dict[str, torch.Tensor]) -> dict[str,
 def verify_groups(model: nn.Module, packed: dict[str, list[str]], groups: Iterable[Group], received: set[str]) -> int:
     """Compare every engine parameter with its reference; return how many were checked.
 
+    A fused parameter whose shards arrive in different groups (a source with a
+    byte budget splits layers into buckets) is checked once all its shards have
+    arrived; until then those shards are held as copies, because a source may
+    free a group's storage when the next group is gathered.
+
     Raises `SyncError` naming the first parameters that were not written this
     sync (a source name missing from `received`) or whose bits differ.
     """
-    items = checkpoint_sources(model, packed)
-    pending = {id(it): it for it in items}
+    pending = {id(it): it for it in checkpoint_sources(model, packed)}
     problems: list[str] = []
     checked = 0
+    held: dict[str, torch.Tensor] = {}
     for group in groups:
-        tensors = dict(group)
+        held.update(group)
         for key, item in list(pending.items()):
             names = [n for ns in item.sources.values() for n in ns]
-            if not all(n in tensors for n in names):
+            if not all(n in held for n in names):
                 continue
             del pending[key]
             missing = [n for n in names if n not in received]
             if missing:
                 problems.append(f"{item.module_name}: not written this sync ({', '.join(missing)})")
                 continue
-            for pname, want in expected_tensors(item, tensors).items():
+            for pname, want in expected_tensors(item, held).items():
                 have = read_kernel_tensor(item.module, pname)
                 checked += 1
                 if have.shape != want.shape or have.dtype != want.dtype:
                     problems.append(f"{item.module_name}.{pname}: {tuple(have.shape)}/{have.dtype} != {tuple(want.shape)}/{want.dtype}")
                 elif not torch.equal(_bits(have), _bits(want)):
                     problems.append(f"{item.module_name}.{pname}: bits differ from the reference")
-        del tensors
+        still_needed = {n for it in pending.values() for ns in it.sources.values() for n in ns}
+        fresh = {n for n, _ in group}
+        held = {n: (t.clone() if n in fresh else t) for n, t in held.items() if n in still_needed}
+        del group
     for item in pending.values():
         problems.append(f"{item.module_name}: no checkpoint tensors for it in the source")
     if problems:

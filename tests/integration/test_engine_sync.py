@@ -139,3 +139,17 @@ def test_verify_catches_a_stale_tied_head(engine, trainer_model, monkeypatch):
         engine.sync(trainer_model, step=30, verify=True)
     monkeypatch.undo()
     assert engine.sync(trainer_model, step=31, verify=True).verified
+
+
+def test_verify_accepts_layers_split_across_groups(engine, trainer_model):
+    """A byte-budgeted source splits a layer's shards over several groups; verify still proves them."""
+
+    class OneTensorPerGroup(ModuleSource):
+        def groups(self):
+            for group in super().groups():
+                for item in group:
+                    yield [item]
+
+    perturb(trainer_model, seed=5)
+    report = engine.sync(OneTensorPerGroup(trainer_model, dtype=torch.bfloat16), step=40, verify=True)
+    assert report.verified and report.num_groups == 26
