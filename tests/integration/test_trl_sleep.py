@@ -1,0 +1,113 @@
+"""Sleep mode under RLSyncCallback: wake weights, sync, wake KV cache, sample, sleep; weights verified each wake-up.
+
+vLLM's CPU build refuses `enable_sleep_mode` at config time ("Sleep mode is
+not supported on current platform.") and its CPU worker's `sleep`/`wake_up`
+are no-ops. So this test (a) lets the CPU platform accept the flag, which
+makes vLLM's engine core really pause and resume its scheduler and track
+which memory is asleep, and (b) does to the weights what a GPU level-2 sleep
+does, discarding them, by poisoning every engine parameter with NaN on each
+`sleep(level=2)`. The weight sync and the order of calls are the real ones;
+the memory release itself needs a GPU build of vLLM and is not exercised here.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from rlsync.engine import VLLMEngine
+
+_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HF_HUB_OFFLINE")
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_restore_env():
+    saved = {k: os.environ.get(k) for k in _ENV}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def cpu_sleep_events(monkeypatch):
+    """Record sleep / wake / sync / generate in order; a level-2 sleep discards (NaN-poisons) the weights."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    from rlsync.engine import vllm_adapter
+
+    monkeypatch.setattr(type(current_platform), "is_sleep_mode_available", lambda self: True)
+    events = []
+    sleep, wake_up, generate, sync = vllm.LLM.sleep, vllm.LLM.wake_up, vllm.LLM.generate, VLLMEngine.sync
+
+    def llm_sleep(self, level=1, **kwargs):
+        sleep(self, level=level, **kwargs)
+        if level == 2:
+            with torch.no_grad():
+                for p in vllm_adapter.driver_model(self).parameters():
+                    if p.is_floating_point() and p.numel():
+                        p.fill_(float("nan"))
+        events.append(f"sleep{level}")
+
+    def llm_wake_up(self, tags=None):
+        events.append(f"wake:{','.join(tags or ['all'])}")
+        return wake_up(self, tags)
+
+    def llm_generate(self, *args, **kwargs):
+        events.append("generate")
+        return generate(self, *args, **kwargs)
+
+    def engine_sync(self, source, step, **kwargs):
+        report = sync(self, source, step, **kwargs)
+        events.append(f"sync{step}:{'verified' if report.verified else 'unverified'}")
+        return report
+
+    monkeypatch.setattr(vllm.LLM, "sleep", llm_sleep)
+    monkeypatch.setattr(vllm.LLM, "wake_up", llm_wake_up)
+    monkeypatch.setattr(vllm.LLM, "generate", llm_generate)
+    monkeypatch.setattr(VLLMEngine, "sync", engine_sync)
+    return events
+
+
+def test_sleep_mode_order_and_weights_after_each_wake(tiny_path, tmp_path, cpu_sleep_events):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from recipes.trl_grpo import vowel_reward
+    from rlsync.integrations.trl import RLSyncCallback
+
+    datasets = pytest.importorskip("datasets")
+    callback = RLSyncCallback(quantization="rlsync_fp8", fp8_scheme="block", reload_backend="rlsync", verify_every=1)
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+        reward_funcs=vowel_reward,
+        args=GRPOConfig(
+            output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True,
+            use_cpu=True, bf16=False, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+            max_steps=3, learning_rate=0.001, logging_steps=1, report_to=[], save_strategy="no",
+            vllm_max_model_length=64,
+        ),
+        train_dataset=datasets.Dataset.from_dict({"prompt": ["bcdfgh:", "jklmnp:", "qrstvw:", "xzbcdf:"] * 4}),
+        processing_class=AutoTokenizer.from_pretrained(tiny_path),
+        callbacks=[callback],
+    )
+    assert cpu_sleep_events == ["sleep2"]  # built, then asleep while the trainer starts
+    trainer.train()
+
+    per_step = lambda s: ["wake:weights", f"sync{s}:verified", "wake:kv_cache", "generate", "sleep2"]  # noqa: E731
+    assert cpu_sleep_events == ["sleep2", *per_step(0), *per_step(1), *per_step(2)]
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(records) == 3
+    for r in records:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["reward"]) and r["sync/verified"] == 1.0
+
+    # asleep with discarded weights: a rollout re-pushes the trainer's weights before sampling
+    del cpu_sleep_events[:]
+    out = trainer.vllm_generation.generate(prompts=[[5, 6, 7]], images=None, num_generations=1)
+    assert cpu_sleep_events == per_step(3)
+    assert len(out[1][0]) == 8 and all(math.isfinite(lp[0]) for lp in out[2][0])
