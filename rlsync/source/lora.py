@@ -8,10 +8,12 @@ together), and the merged weight is computed out of place from the gathered
 tensors: the trainer's weights are never written, so they are bit-identical
 afterwards, and no writeback to shards is needed.
 
-The arithmetic mirrors PEFT's `get_delta_weight` + `merge` (fp32 on CPU for
-half-precision factors, `fan_in_fan_out` transposition, adapters added one at a
-time in `active_adapters` order), so the result equals `merge_and_unload()`
-bit for bit on the same tensors (tested).
+The arithmetic mirrors PEFT's `get_delta_weight` + default `merge` (fp32 on
+CPU for half-precision factors, `fan_in_fan_out` transposition, the delta added
+in place as PEFT does per layer type, adapters in `active_adapters` order), so the result
+equals `merge_and_unload()` bit for bit on the same tensors (tested, fp32 and
+bf16 base weights). PEFT's `safe_merge=True` rounds the delta first and can
+differ in the last bit.
 
 `modules_to_save`: the active adapter's trained copy is yielded under the
 original module's name; the frozen original and inactive copies are not.
@@ -51,6 +53,8 @@ class Factor:
     """Transpose `B @ A` (Embedding, or Linear with `fan_in_fan_out`)."""
     half_on_cpu_dtype_from: str
     """Which factor's dtype PEFT checks for its fp32-on-CPU cast: "a" (Embedding) or "b" (Linear)."""
+    round_delta_first: bool
+    """Round the delta to the weight's dtype before adding (PEFT's Embedding merge does; Linear does not)."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -108,14 +112,15 @@ def _layer_factors(path: str, prefix: str, module: nn.Module, *, embedding: bool
             if adapter not in module.lora_embedding_A:
                 continue
             a, b = f"{prefix}lora_embedding_A.{adapter}", f"{prefix}lora_embedding_B.{adapter}"
-            transpose, dtype_from = True, "a"
+            transpose, dtype_from, round_first = True, "a", True
         else:
             if adapter not in module.lora_A:
                 continue
             a, b = f"{prefix}lora_A.{adapter}.weight", f"{prefix}lora_B.{adapter}.weight"
-            transpose, dtype_from = bool(module.fan_in_fan_out), "b"
+            transpose, dtype_from, round_first = bool(module.fan_in_fan_out), "b", False
         factors.append(Factor(
             a=a, b=b, scaling=float(module.scaling[adapter]), transpose=transpose, half_on_cpu_dtype_from=dtype_from,
+            round_delta_first=round_first,
         ))
     return factors
 
@@ -145,5 +150,6 @@ def merged_weight(weight: torch.Tensor, factors: list[tuple[Factor, torch.Tensor
         delta = delta * factor.scaling
         if cast_to_fp32:
             delta = delta.to(probe.dtype)
-        out += delta.to(out.dtype)
+        # as PEFT's default (unsafe) merge: Linear adds with one rounding, Embedding rounds the delta first
+        out += delta.to(out.dtype) if factor.round_delta_first else delta
     return out
