@@ -14,6 +14,9 @@ derives from them (merged LoRA weights, dtype casts). A bucket's bytes are
 added to `stats` when gathered and released when the consumer asks for the
 next bucket, so `stats.peak_bytes` is the most that was alive at once.
 
+FSDP1 gathers whole wrapped units in `_scope` and counts them there; its
+items cost only their derived bytes (see `fsdp.py`, limitation 2).
+
 Limitations:
 1. A single item larger than `bucket_bytes` (one huge embedding, or a LoRA
    base weight with its factors and merged copy) forms a bucket of its own,
