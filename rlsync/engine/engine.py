@@ -16,6 +16,7 @@ trainer model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import time
@@ -148,12 +149,15 @@ class VLLMEngine:
         start = time.perf_counter()
         try:
             self.backend.begin()
-            for group in source.groups():
-                self._check_group(group, received)
-                self.backend.load(group)
-                counts["groups"] += 1
-                counts["bytes"] += sum(t.nbytes for _, t in group)
-                del group
+            # closing(): a failure here closes the source's generator at once, so a
+            # distributed source tells the other ranks now, not at garbage collection
+            with contextlib.closing(source.groups()) as groups:
+                for group in groups:
+                    self._check_group(group, received)
+                    self.backend.load(group)
+                    counts["groups"] += 1
+                    counts["bytes"] += sum(t.nbytes for _, t in group)
+                    del group
             missing = sorted(set(self.checkpoint_shapes) - received)
             if missing:
                 raise SyncError(f"sync incomplete: {len(missing)} checkpoint tensors never arrived, e.g. {missing[:3]}")
