@@ -126,9 +126,6 @@ class RLSyncCallback(TrainerCallback):
         self._state = state
         self._require_engine()
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        self._state = state
-
     # ------------------------------------------- called by trl_internals only
     def build_engine(self, settings: trl_internals.TrlVLLMSettings) -> VLLMEngine:
         cfg = self.config
