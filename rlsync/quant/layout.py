@@ -100,7 +100,13 @@ class Layout:
 
     @property
     def packed(self) -> bool:
+        """More than one value per storage element."""
         return self.pack_factor != 1
+
+    @property
+    def bit_packed(self) -> bool:
+        """Stored as an offset-binary bit stream (packed, or ints in another dtype than int8)."""
+        return self.value != FP8 and (self.packed or self.dtype != torch.int8)
 
     def standard(self) -> Layout:
         """The standard layout for the same values and scales."""
@@ -116,7 +122,7 @@ class Layout:
             raise ValueError(f"tensor is in layout {qt.layout}, not {self}")
         n, k = qt.shape
         data = qt.data
-        if self.packed:
+        if self.bit_packed:
             data = unpack(data, self.bits, k if not self.transposed else n)
         if self.transposed:
             data = data.t()
@@ -128,7 +134,7 @@ class Layout:
         if qt.layout != self.standard():
             raise ValueError(f"tensor is in layout {qt.layout}, not the standard {self.standard()}")
         data = qt.data.t() if self.transposed else qt.data
-        if self.packed:
+        if self.bit_packed:
             data = pack(data, self.bits, self.dtype)
         elif data.dtype != self.dtype:
             raise ValueError(f"standard data is {data.dtype}; layout stores {self.dtype}")
