@@ -15,7 +15,6 @@ re-quantizes them. Metrics go to `<run dir>/metrics.jsonl`, checkpoints to
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from typing import Literal
@@ -29,23 +28,11 @@ from rlsync.rl.checks import check_run
 from rlsync.rl.grpo import GRPOHParams, group_advantages, grpo_update
 from rlsync.rl.optim import build_optimizer
 from rlsync.rl.resume import Checkpointer, is_rank0
-from rlsync.rl.rollout import collect, sync_source
+from rlsync.rl.rollout import SyncConfig, collect, sync_source
 from rlsync.rl.run import RunConfig, RunDir
 from rlsync.rl.state import TrainState
 from rlsync.rl.tasks import TaskConfig, make_task
-from rlsync.rl.trainer_model import ModelConfig, load_trainer_model
-
-
-@dataclasses.dataclass(kw_only=True, slots=True)
-class SyncConfig:
-    """How often a sync also proves its result."""
-
-    verify_every: int = 0
-    """Verify every N-th sync bit for bit against the reference (0 = never)."""
-
-    def validate(self) -> None:
-        if self.verify_every < 0:
-            raise ConfigError(f"sync.verify_every must be >= 0, got {self.verify_every}")
+from rlsync.rl.trainer_model import ModelConfig, frozen_copy, load_trainer_model
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -82,7 +69,7 @@ def main(cfg: GRPOConfig) -> RunDir:
     torch.manual_seed(cfg.run.seed)
     run = RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0())
     policy, model_path, tokenizer = load_trainer_model(cfg.model)
-    reference = _frozen_copy(policy) if hp.kl_coef > 0 else None
+    reference = frozen_copy(policy) if hp.kl_coef > 0 else None
     optimizer = build_optimizer(policy.parameters(), hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
                                 kwargs=hp.optimizer_kwargs, section="grpo")
     task = make_task(cfg.task, seed=cfg.run.seed)
@@ -108,8 +95,3 @@ def main(cfg: GRPOConfig) -> RunDir:
     run.close()
     return run
 
-
-def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    return ref

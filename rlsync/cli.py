@@ -23,6 +23,7 @@ from rlsync.errors import ConfigError
 # recipe name -> module with `CONFIG` (config dataclass) and `main(config)`
 RECIPES = {
     "grpo": ("recipes.grpo", "GRPOConfig"),
+    "ppo": ("recipes.ppo", "PPOConfig"),
     "trl_grpo": ("recipes.trl_grpo", "TrlGRPOConfig"),
 }
 

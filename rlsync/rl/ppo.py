@@ -41,7 +41,7 @@ class PPOHParams:
 
     steps: int = 40
     """Policy steps (each: sample, update, sync)."""
-    prompts_per_step: int = 32
+    prompts_per_step: int = 16
     """Distinct prompts per step."""
     samples_per_prompt: int = 2
     """Completions sampled per prompt."""
@@ -49,9 +49,9 @@ class PPOHParams:
     """Completion length limit."""
     temperature: float = 1.0
     """Sampling temperature (the trainer scores at the same temperature)."""
-    lr: float = 5e-4
+    lr: float = 1e-3
     """Policy learning rate."""
-    value_lr: float = 1e-2
+    value_lr: float = 1e-3
     """Value head learning rate."""
     weight_decay: float = 0.0
     """Weight decay (both optimizers)."""
@@ -164,6 +164,19 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
+def normalized_value_error(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """E[(V - R)^2] / Var(R) over completion tokens: 1 for a critic that predicts the mean, 0 for a perfect one.
+
+    The raw value loss scales with the rewards, which grow as the policy learns;
+    this ratio (1 - explained variance) shows whether the critic learns.
+    """
+    n = mask.sum().clamp(min=1)
+    mean = (returns * mask).sum() / n
+    var = (((returns - mean) * mask) ** 2).sum() / n
+    err = (((values - returns) * mask) ** 2).sum() / n
+    return float(err / var.clamp(min=1e-8))
+
+
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip: float) -> torch.Tensor:
     """PPO2's clipped value loss: 0.5 * max((V - R)^2, (V_clipped - R)^2), token mean."""
@@ -193,6 +206,7 @@ def ppo_update(model: nn.Module, head: ValueHead, optimizers: list[torch.optim.O
         "logprob_mismatch": float(((old_logp - batch.rollout_logprobs).abs() * mask).sum() / n_tok),
         "value_mean": float((old_values * mask).sum() / n_tok),
         "return_mean": float((returns * mask).sum() / n_tok),
+        "value_error": normalized_value_error(old_values, returns, mask),
     }
     if ref_logp is not None:
         metrics["kl"] = float(((old_logp - ref_logp) * mask).sum() / n_tok)

@@ -25,10 +25,23 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from rlsync.errors import ConfigError
 from rlsync.rl.logprobs import RolloutBatch, make_batch
 from rlsync.rl.state import step_seed
 from rlsync.source import WeightSource, source_for
 from rlsync.source.base import Group, TensorMeta
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class SyncConfig:
+    """How often a sync also proves its result."""
+
+    verify_every: int = 0
+    """Verify every N-th sync bit for bit against the reference (0 = never)."""
+
+    def validate(self) -> None:
+        if self.verify_every < 0:
+            raise ConfigError(f"sync.verify_every must be >= 0, got {self.verify_every}")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Literal
 
@@ -35,3 +36,10 @@ def load_trainer_model(config: ModelConfig):
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, path, tokenizer
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen, eval-mode copy of `model` (the KL reference: the policy as it started)."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref

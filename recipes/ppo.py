@@ -1,0 +1,103 @@
+"""PPO with a value head and FP8 rollouts from a colocated vLLM engine, synced every step.
+
+    rlsync run configs/ppo/tiny_cpu_fp8.yaml [key=value ...]
+    rlsync run configs/ppo/tiny_cpu_fp8.yaml resume=true      # continue from the last checkpoint
+
+Each step samples `samples_per_prompt` completions per prompt from the engine
+(seeded by (run seed, step)), scores them with the task's sequence-level reward,
+and runs `epochs` x `num_minibatches` PPO updates: GAE(gamma, lambda)
+advantages from a value head on the policy's last hidden state, the clipped
+surrogate (with the truncated importance weight `is_cap` for the FP8-engine /
+trainer mismatch) and the clipped value loss. With `kl_coef` > 0 the per-token
+KL to the frozen initial policy is subtracted from the reward (see
+`rlsync.rl.ppo`). After the update the policy is synced into the engine, which
+re-quantizes it; the value head never leaves the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from rlsync.engine import EngineConfig, VLLMEngine
+from rlsync.errors import ConfigError
+from rlsync.rl.checks import check_run
+from rlsync.rl.optim import build_optimizer
+from rlsync.rl.ppo import PPOHParams, ValueHead, ppo_update
+from rlsync.rl.resume import Checkpointer, is_rank0
+from rlsync.rl.rollout import SyncConfig, collect, sync_source
+from rlsync.rl.run import RunConfig, RunDir
+from rlsync.rl.state import TrainState
+from rlsync.rl.tasks import TaskConfig, make_task
+from rlsync.rl.trainer_model import ModelConfig, frozen_copy, load_trainer_model
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class PPOConfig:
+    """A PPO run."""
+
+    recipe: Literal["ppo"] = "ppo"
+    """Which recipe this config is for."""
+    resume: bool = False
+    """Continue the run in `run.output_dir/run.name` from its newest complete checkpoint."""
+    run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(name="ppo-tiny"))
+    """Run directory, seed, checkpoints, logging."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """Policy checkpoint (null path = the built-in tiny model)."""
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    """Rollout engine (its `model` comes from `model.path`, its `seed` from `run.seed`)."""
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    """Synthetic task and reward."""
+    ppo: PPOHParams = dataclasses.field(default_factory=PPOHParams)
+    """Optimisation settings."""
+    sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
+    """Sync verification."""
+
+    def validate(self) -> None:
+        if self.engine.model:
+            raise ConfigError("engine.model is set from model.path; leave it out of the config")
+        check_run(self.model, self.engine, prompt_length=self.task.prompt_length, max_tokens=self.ppo.max_tokens,
+                  section="ppo")
+
+
+def main(cfg: PPOConfig) -> RunDir:
+    cfg.validate()  # again: model.path must exist now, so the model checks run
+    hp = cfg.ppo
+    torch.manual_seed(cfg.run.seed)
+    run = RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0())
+    policy, model_path, tokenizer = load_trainer_model(cfg.model)
+    reference = frozen_copy(policy) if hp.kl_coef > 0 else None
+    value_head = ValueHead(policy.config.hidden_size)
+    optimizers = {
+        "policy": build_optimizer(policy.parameters(), hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+                                  kwargs=hp.optimizer_kwargs, section="ppo"),
+        "value_head": build_optimizer(value_head.parameters(), hp.optimizer, lr=hp.value_lr,
+                                      weight_decay=hp.weight_decay, kwargs=hp.optimizer_kwargs, section="ppo"),
+    }
+    task = make_task(cfg.task, seed=cfg.run.seed)
+    state = TrainState(modules={"policy": policy, "value_head": value_head}, optimizers=optimizers, task=task)
+    engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
+    source = sync_source(policy, cfg.engine.dtype, progress=cfg.run.progress and is_rank0())
+    ckpt = Checkpointer(run, cfg.run, state)
+    start = ckpt.resume(engine, source) if cfg.resume else ckpt.start()
+
+    bar = tqdm(range(start + 1, hp.steps + 1), desc="ppo", unit="step", disable=not (cfg.run.progress and is_rank0()))
+    for step in bar:
+        t0 = time.perf_counter()
+        rollout = collect(engine, task, tokenizer, num_prompts=hp.prompts_per_step, n=hp.samples_per_prompt,
+                          max_tokens=hp.max_tokens, temperature=hp.temperature, seed=cfg.run.seed, step=step)
+        metrics = ppo_update(policy, value_head, list(optimizers.values()), rollout.batch, rollout.rewards, hp,
+                             reference)
+        verify = cfg.sync.verify_every > 0 and step % cfg.sync.verify_every == 0
+        report = engine.sync(source, step=step, verify=verify)
+        metrics.update(reward=float(rollout.rewards.mean()), step_seconds=time.perf_counter() - t0, **report.metrics())
+        run.log(step, metrics)
+        ckpt.maybe_save(step, final=step == hp.steps)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", value_loss=f"{metrics['value_loss']:.4f}")
+    run.close()
+    return run
+
