@@ -33,7 +33,7 @@ from rlsync.rl.rollout import SyncConfig, collect, sync_source
 from rlsync.rl.run import RunConfig, RunDir
 from rlsync.rl.state import TrainState
 from rlsync.rl.tasks import TaskConfig, make_task
-from rlsync.rl.trainer_model import ModelConfig, frozen_copy, load_trainer_model
+from rlsync.rl.trainer_model import ModelConfig, frozen_copy, load_trainer_model, require_model_path, trainer_device
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -65,13 +65,15 @@ class PPOConfig:
 
 
 def main(cfg: PPOConfig) -> RunDir:
-    cfg.validate()  # again: model.path must exist now, so the model checks run
+    require_model_path(cfg.model)
+    cfg.validate()  # again, now with the model's config.json on disk
     hp = cfg.ppo
     torch.manual_seed(cfg.run.seed)
     run = RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0())
     policy, model_path, tokenizer = load_trainer_model(cfg.model)
+    device = trainer_device(cfg.model)
     reference = frozen_copy(policy) if hp.kl_coef > 0 else None
-    value_head = ValueHead(policy.config.hidden_size)
+    value_head = ValueHead(policy.config.hidden_size).to(device)
     optimizers = {
         "policy": build_optimizer(policy.parameters(), hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
                                   kwargs=hp.optimizer_kwargs, section="ppo"),
@@ -89,7 +91,8 @@ def main(cfg: PPOConfig) -> RunDir:
     for step in bar:
         t0 = time.perf_counter()
         rollout = collect(engine, task, tokenizer, num_prompts=hp.prompts_per_step, n=hp.samples_per_prompt,
-                          max_tokens=hp.max_tokens, temperature=hp.temperature, seed=cfg.run.seed, step=step)
+                          max_tokens=hp.max_tokens, temperature=hp.temperature, seed=cfg.run.seed, step=step,
+                          device=device)
         metrics = ppo_update(policy, value_head, list(optimizers.values()), rollout.batch, rollout.rewards, hp,
                              reference)
         verify = cfg.sync.verify_every > 0 and step % cfg.sync.verify_every == 0

@@ -1,6 +1,8 @@
-"""`rlsync` command line: run a recipe from a YAML config.
+"""`rlsync` command line: run a recipe from a YAML config, plot a run.
 
     rlsync run CONFIG [key=value ...]
+    rlsync run CONFIG resume=true          # continue a run from its newest complete checkpoint
+    rlsync plot RUN_DIR [--out PNG]
 
 The config's `recipe:` key names the recipe; the recipe module's config
 dataclass validates every key and type before any work starts. Multi-process
@@ -49,18 +51,35 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe from a YAML config")
     run.add_argument("config", help="YAML config, e.g. configs/grpo/tiny_cpu_fp8.yaml")
-    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.steps=5")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.steps=5 resume=true")
+    plot = sub.add_parser("plot", help="plot a run's reward, KL / mismatch and sync time to a PNG")
+    plot.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
+    plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
     args = parser.parse_args(argv)
 
-    if args.command == "run":
+    if args.command == "plot":
+        from rlsync.rl.plot import plot_run
+
         try:
-            module, config = load_recipe_config(args.config, args.overrides)
-        except ConfigError as exc:
-            print(f"rlsync: config error: {exc}", file=sys.stderr)
+            out = plot_run(args.run_dir, args.out)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"rlsync: plot: {exc}", file=sys.stderr)
             return 2
+        print(f"rlsync: wrote {out}")
+        return 0
+
+    try:
+        module, config = load_recipe_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"rlsync: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
         result = module.main(config)
-        if result is not None and hasattr(result, "path"):
-            print(f"rlsync: run directory {result.path}")
+    except ConfigError as exc:  # checks that need the model or run directory on disk
+        print(f"rlsync: config error: {exc}", file=sys.stderr)
+        return 2
+    if result is not None and hasattr(result, "path"):
+        print(f"rlsync: run directory {result.path}")
     return 0
 
 

@@ -29,10 +29,11 @@ from typing import Any
 
 from rlsync.engine.engine import EngineConfig
 from rlsync.errors import ConfigError
+from rlsync.quant.plugin import NAME as RLSYNC_FP8
+from rlsync.reload.support import check_supported
 from rlsync.rl.trainer_model import ModelConfig
 
 RELOAD_BACKENDS = ("rlsync", "vllm")
-RLSYNC_FP8 = "rlsync_fp8"
 _PROMPT_SPECIALS = 3  # the task's ":" separator plus BOS/EOS a tokenizer may add
 
 
@@ -90,6 +91,11 @@ def check_engine(engine: EngineConfig) -> None:
     """Engine keys that are wrong whatever the model."""
     if engine.reload_backend not in RELOAD_BACKENDS:
         raise ConfigError(f"engine.reload_backend: {engine.reload_backend!r} is not one of {', '.join(RELOAD_BACKENDS)}")
+    if engine.reload_backend == "rlsync" and engine.quantization != RLSYNC_FP8:  # the plugin registers itself
+        try:
+            check_supported(engine.quantization)
+        except ConfigError as exc:
+            raise ConfigError(f"engine.reload_backend: {exc}") from exc
     if engine.max_model_len < 2:
         raise ConfigError(f"engine.max_model_len must be >= 2, got {engine.max_model_len}")
     if not 0 < engine.gpu_memory_utilization <= 1:

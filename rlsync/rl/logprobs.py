@@ -20,6 +20,9 @@ class RolloutBatch:
     rollout_logprobs: torch.Tensor
     """[B, T-1] engine log-probs of the sampled tokens (0 elsewhere)."""
 
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
 
 def make_batch(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]]) -> RolloutBatch:
     """Pack (prompt, completion, engine log-probs) triples into padded tensors."""

@@ -56,16 +56,16 @@ class Rollout:
 
 
 def collect(engine, task, tokenizer, *, num_prompts: int, n: int, max_tokens: int, temperature: float,
-            seed: int, step: int) -> Rollout:
-    """Sample `n` completions for each of `num_prompts` task prompts from the engine."""
+            seed: int, step: int, device: torch.device | str = "cpu") -> Rollout:
+    """Sample `n` completions for each of `num_prompts` task prompts; tensors on the trainer's `device`."""
     prompts = [tokenizer(p)["input_ids"] for p in task.prompts(num_prompts)]
     results = engine.generate(prompts, n=n, max_tokens=max_tokens, temperature=temperature,
                               seed=step_seed(seed, step))
     samples = [(r.prompt_token_ids, c) for r in results for c in r.completions]
     batch = make_batch([p for p, _ in samples], [c.token_ids for _, c in samples], [c.logprobs for _, c in samples])
     texts = [c.text for _, c in samples]
-    rewards = torch.tensor([task.reward(t) for t in texts], dtype=torch.float32)
-    return Rollout(batch=batch, rewards=rewards, texts=texts)
+    rewards = torch.tensor([task.reward(t) for t in texts], dtype=torch.float32, device=device)
+    return Rollout(batch=batch.to(device), rewards=rewards, texts=texts)
 
 
 class ProgressSource(WeightSource):

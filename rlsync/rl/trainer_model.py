@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+from pathlib import Path
 from typing import Literal
 
 import torch
+
+from rlsync.errors import ConfigError
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -17,6 +21,30 @@ class ModelConfig:
     """Local Hugging Face checkpoint directory; null = the built-in tiny Qwen2 (built locally)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Trainer parameter dtype (the engine runs bf16 / FP8 regardless)."""
+    device: str = "auto"
+    """Trainer device: `auto` (this rank's GPU if there is one, else CPU), `cpu`, `cuda`, `cuda:N`."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory for larger models)."""
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
+                                                              and self.device[5:].isdigit()):
+            raise ConfigError(f"model.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+def trainer_device(config: ModelConfig) -> torch.device:
+    if config.device != "auto":
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def require_model_path(config: ModelConfig) -> None:
+    """`ConfigError` naming `model.path` unless it is a Hugging Face checkpoint directory (run time)."""
+    if config.path is not None and not (Path(config.path) / "config.json").is_file():
+        raise ConfigError(f"model.path: {config.path} is not a Hugging Face checkpoint directory (no config.json); "
+                          f"point it at a local copy of the model")
 
 
 def resolve_model_path(config: ModelConfig) -> str:
@@ -31,8 +59,12 @@ def load_trainer_model(config: ModelConfig):
     """(model, path, tokenizer) for the trainer, loaded from the local checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_model_path(config)
     path = resolve_model_path(config)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype))
+    model.to(trainer_device(config))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, path, tokenizer

@@ -1,0 +1,135 @@
+"""Recipe configs: PPO and GPU configs validate, bad values and impossible combinations name their key,
+and configs can only name classes from the allowlist."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlsync.cli import load_recipe_config, main
+from rlsync.config.allowlist import resolve_allowed
+from rlsync.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_CONFIGS = sorted(ROOT.glob("configs/*/gpu_*.yaml"))
+# Qwen2.5-0.5B's shape: q/k/v rows 896/128/128, gate/up rows 4864/4864 (all multiples of 128)
+QWEN05B = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "num_attention_heads": 14,
+           "num_key_value_heads": 2, "intermediate_size": 4864, "max_position_embeddings": 32768}
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def fake_model(tmp_path, **config):
+    path = tmp_path / "model"
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps({**QWEN05B, **config}))
+    return path
+
+
+def test_gpu_configs_exist_for_both_recipes_and_fp8_layouts():
+    names = {str(p.relative_to(ROOT)) for p in GPU_CONFIGS}
+    assert {"configs/grpo/gpu_qwen05b_fp8_tensor.yaml", "configs/grpo/gpu_qwen05b_fp8_block.yaml",
+            "configs/ppo/gpu_qwen05b_fp8_block.yaml"} <= names
+    assert (ROOT / "configs/ppo/tiny_cpu_fp8.yaml").exists()
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=[p.name for p in GPU_CONFIGS])
+def test_gpu_configs_validate_against_a_real_model_shape(tmp_path, path):
+    _, placeholder = load_recipe_config(path)  # the placeholder path does not exist: model checks wait
+    assert placeholder.model.dtype == "bfloat16" and placeholder.engine.quantization == "rlsync_fp8"
+    assert "CHANGE ME" in path.read_text()
+    _, cfg = load_recipe_config(path, [f"model.path={fake_model(tmp_path)}"])  # now the model checks run
+    assert cfg.model.path.endswith("model")
+
+
+BAD = [
+    # (recipe, yaml body, overrides, text the error must contain)
+    ("ppo", "ppo: {gama: 0.9}\n", [], "unknown config key ppo.gama; did you mean ppo.gamma"),
+    ("ppo", "ppo: {lam: 1.5}\n", [], "ppo.lam must be in [0, 1]"),
+    ("ppo", "ppo: {epochs: 0}\n", [], "ppo.epochs must be >= 1"),
+    ("ppo", "ppo: {value_trunk: frozen}\n", [], "ppo.value_trunk: 'frozen' is not one of"),
+    ("ppo", "ppo: {num_minibatches: 100}\n", [], "ppo.num_minibatches (100) exceeds"),
+    ("ppo", "ppo: {is_cap: 0.5}\n", [], "ppo.is_cap must be >= 1"),
+    ("ppo", "", ["ppo.value_lr=-1"], "ppo.value_lr must be > 0"),
+    ("ppo", "", ["grpo.steps=3"], "unknown config key grpo; did you mean ppo"),
+    ("grpo", "", ["resume=yes please"], "resume: expected true/false"),
+    ("grpo", "run: {checkpoint_every: -1}\n", [], "run.checkpoint_every must be >= 0"),
+    ("grpo", "run: {name: a/b}\n", [], "run.name must be a plain directory name"),
+    ("grpo", "sync: {verify_every: -2}\n", [], "sync.verify_every must be >= 0"),
+    ("grpo", "model: {device: tpu}\n", [], "model.device: 'tpu'"),
+    ("grpo", "engine: {reload_backend: magic}\n", [], "engine.reload_backend: 'magic' is not one of"),
+    ("grpo", "engine: {reload_backend: rlsync, quantization: gptq}\n", [], "engine.reload_backend: reload_backend='rlsync' does not support"),
+    ("grpo", "engine: {max_model_len: 16}\n", [], "engine.max_model_len: 16 cannot hold"),
+    ("grpo", "engine: {max_model_len: 4096}\n", [], "engine.max_model_len: 4096 exceeds the model's max_position_embeddings (512"),
+    ("grpo", "engine: {llm_kwargs: {seed: 3}}\n", [], "engine.llm_kwargs.seed: set engine.seed instead"),
+    ("grpo", "engine: {quantization: rlsync_fp8, llm_kwargs: {hf_overrides: {quantization_config: {scheme: row}}}}\n",
+     [], "engine.llm_kwargs.hf_overrides.quantization_config: rlsync_fp8 scheme 'row'"),
+    ("grpo", "engine: {quantization: rlsync_fp8, llm_kwargs: {hf_overrides: {quantization_config: {sceme: block}}}}\n",
+     [], "engine.llm_kwargs.hf_overrides.quantization_config: rlsync_fp8: unknown key 'sceme'; did you mean 'scheme'"),
+    # the tiny model's q/k/v rows are 256/128/128: a 96-row block would straddle q and k
+    ("grpo", "engine: {quantization: rlsync_fp8, llm_kwargs: {hf_overrides: {quantization_config: "
+             "{scheme: block, block: [96, 128]}}}}\n", [],
+     "engine.llm_kwargs.hf_overrides.quantization_config.block: (96, 128) does not fit qkv_proj (shards [256, 128, 128])"),
+    ("grpo", "model: {path: /nonexistent/model}\n", ["grpo.optimizer=os.system"],
+     "grpo.optimizer: 'os.system' is not allowed; a config may only name objects in torch.optim"),
+    ("grpo", "", ["grpo.optimizer=torch.optim.lr_scheduler.LambdaLR"], "grpo.optimizer: 'torch.optim.lr_scheduler.LambdaLR' is not allowed"),
+    ("grpo", "", ["grpo.optimizer=torch.optim.Optimizer.__init__"], "grpo.optimizer: 'torch.optim.Optimizer.__init__' is not a public dotted name"),
+    ("grpo", "", ["grpo.optimizer=torch.optim.NoSuchOpt"], "grpo.optimizer: torch.optim has no 'NoSuchOpt'"),
+    ("grpo", "", ["grpo.optimizer=torch.optim.lr_scheduler"], "grpo.optimizer: torch.optim.lr_scheduler is not a torch.optim.Optimizer subclass"),
+    ("ppo", "", ["ppo.optimizer=torch.optim.AdamW", "ppo.optimizer_kwargs={betaz: [0.9, 0.9]}"],
+     "ppo.optimizer_kwargs.betaz: torch.optim.AdamW takes no argument 'betaz'"),
+    ("ppo", "", ["ppo.optimizer_kwargs={lr: 0.1}"], "ppo.optimizer_kwargs.lr: set it with ppo.lr"),
+    ("grpo", "", ["grpo.optimizer=torch.optim.Rprop", "grpo.weight_decay=0.1"], "grpo.weight_decay: torch.optim.Rprop has no weight decay"),
+]
+
+
+@pytest.mark.parametrize("recipe, body, overrides, needle", BAD, ids=[b[3][:40] for b in BAD])
+def test_bad_recipe_configs_name_the_key(tmp_path, recipe, body, overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        load_recipe_config(write(tmp_path, f"recipe: {recipe}\n{body}"), overrides)
+    assert needle in str(info.value)
+
+
+def test_block_misfit_is_caught_from_a_model_path_before_any_work(tmp_path):
+    model = fake_model(tmp_path, intermediate_size=4800)  # 4800 = 37.5 x 128: gate/up would straddle
+    text = ("recipe: ppo\nengine: {quantization: rlsync_fp8, llm_kwargs: {hf_overrides: {quantization_config: "
+            "{scheme: block, block: [128, 128]}}}}\n")
+    with pytest.raises(ConfigError, match=r"quantization_config.block: \(128, 128\) does not fit gate_up_proj"):
+        load_recipe_config(write(tmp_path, text), [f"model.path={model}"])
+    assert main(["run", str(write(tmp_path, text)), f"model.path={model}"]) == 2  # the CLI stops there too
+
+
+def test_a_missing_model_path_fails_at_run_start_naming_the_key(tmp_path, capsys):
+    path = write(tmp_path, "recipe: grpo\nmodel: {path: /nonexistent/model}\n")
+    load_recipe_config(path)  # validates: a GPU config is checked on a laptop without the model
+    assert main(["run", str(path), f"run.output_dir={tmp_path}"]) == 2
+    assert "model.path: /nonexistent/model is not a Hugging Face checkpoint directory" in capsys.readouterr().err
+    assert not (tmp_path / "grpo-tiny").exists()  # failed before creating the run directory
+
+
+def test_allowlist_accepts_only_named_modules_and_kinds():
+    import torch
+
+    assert resolve_allowed("torch.optim.SGD", key="k", modules=("torch.optim",)) is torch.optim.SGD
+    for bad in ("builtins.eval", "subprocess.Popen", "torch.optim", "torch.optim.SGD.step", "torch.optim._adam"):
+        with pytest.raises(ConfigError, match="^k: "):
+            resolve_allowed(bad, key="k", modules=("torch.optim",))
+    with pytest.raises(ConfigError, match="is not a Optimizer class"):
+        resolve_allowed("torch.optim.Optimizer", key="k", modules=("torch.optim",), check=lambda o: False,
+                        kind="Optimizer class")
+
+
+def test_optimizer_kwargs_reach_the_optimizer(tmp_path):
+    import torch
+
+    from rlsync.rl.optim import build_optimizer
+
+    _, cfg = load_recipe_config(write(tmp_path, "recipe: ppo\nppo: {optimizer: torch.optim.Adam, "
+                                                "optimizer_kwargs: {betas: [0.8, 0.9]}}\n"))
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.ppo.optimizer, lr=cfg.ppo.lr,
+                          weight_decay=cfg.ppo.weight_decay, kwargs=cfg.ppo.optimizer_kwargs, section="ppo")
+    assert type(opt) is torch.optim.Adam and opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["lr"] == cfg.ppo.lr
