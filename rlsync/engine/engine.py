@@ -37,8 +37,13 @@ from rlsync.source.base import Group
 
 class EngineState(enum.Enum):
     READY = "ready"
+    """Weights are exactly one sync's (or the checkpoint's, before the first sync)."""
     SYNCING = "syncing"
+    """A sync is under way."""
     FAILED = "failed"
+    """The last sync broke off; the weights may be mixed."""
+    DISCARDED = "discarded"
+    """`sleep(level=2)` dropped the weights; a full sync must come before sampling."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -162,6 +167,8 @@ class VLLMEngine:
             if missing:
                 raise SyncError(f"sync incomplete: {len(missing)} checkpoint tensors never arrived, e.g. {missing[:3]}")
             self.backend.commit()
+            # KV blocks cached for a prompt prefix were computed with the old weights
+            vllm_adapter.reset_prefix_cache(self.llm)
         except BaseException as exc:
             self._fail(exc)
             if isinstance(exc, SyncError):
@@ -262,8 +269,15 @@ class VLLMEngine:
 
     # ------------------------------------------------------------ memory
     def sleep(self, level: int = 1) -> None:
-        """Release the KV cache (level 1: also offload weights) while the trainer runs."""
+        """Release memory while the trainer runs (needs `enable_sleep_mode=True`).
+
+        Level 1 offloads the weights to host memory and drops the KV cache;
+        level 2 drops both, so the engine refuses to sample until a full sync.
+        Wake up with `wake_up(["weights"])`, sync, then `wake_up(["kv_cache"])`.
+        """
         vllm_adapter.sleep(self.llm, level)
+        if level >= 2 and self.state is EngineState.READY:
+            self.state = EngineState.DISCARDED
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-acquire memory; wake `["weights"]` before a sync, `["kv_cache"]` after."""

@@ -111,6 +111,11 @@ def native_reload_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> N
     model_runner(llm).reload_weights(weights_iterator=weights)
 
 
+def reset_prefix_cache(llm) -> None:
+    """Drop cached prefix KV blocks (computed with weights that just changed)."""
+    llm.reset_prefix_cache()
+
+
 def sleep(llm, level: int) -> None:
     llm.sleep(level=level)
 

@@ -153,3 +153,39 @@ def test_verify_accepts_layers_split_across_groups(engine, trainer_model):
     perturb(trainer_model, seed=5)
     report = engine.sync(OneTensorPerGroup(trainer_model, dtype=torch.bfloat16), step=40, verify=True)
     assert report.verified and report.num_groups == 26
+
+
+def test_sync_drops_prefix_kv_computed_with_old_weights(engine, trainer_model):
+    """vLLM caches KV blocks of a prompt prefix (128-token blocks on CPU); after a sync the
+    rollouts must not reuse KV computed with the old weights. Without the cache reset the
+    sampled tokens' log-probs are off by ~0.5 here; with it, ~0.01."""
+    prompt = SEQ * 17  # 272 tokens: two full cacheable blocks
+    engine.sync(trainer_model, step=50)
+    engine.generate([prompt], max_tokens=4, seed=0)
+    engine.generate([prompt], max_tokens=4, seed=0)  # the prefix is now cached
+    perturb(trainer_model, scale=0.02, seed=6)
+    engine.sync(trainer_model, step=51)
+    completion = engine.generate([prompt], max_tokens=4, seed=0)[0].completions[0]
+    want = trainer_logprobs(trainer_model, prompt + completion.token_ids)[-4:]
+    tol = BF16_LOGPROB_TOL if engine.config.quantization is None else 0.1
+    diff = (torch.tensor(completion.logprobs) - want).abs().max()
+    assert diff < tol, f"rollout used stale prefix KV: max |d logp| = {diff:.4f}"
+
+
+def test_sleep_level_2_discards_until_a_full_sync(engine, trainer_model, monkeypatch):
+    """Level-2 sleep drops the weights: the engine must refuse to sample until a sync.
+
+    vLLM's CPU build refuses sleep mode itself ("not supported on current
+    platform"), so the vLLM call is recorded instead; the state logic is ours.
+    """
+    calls = []
+    monkeypatch.setattr(vllm_adapter, "sleep", lambda llm, level: calls.append(level))
+    engine.sync(trainer_model, step=60)
+    engine.sleep(level=1)
+    assert engine.state is EngineState.READY  # level 1 keeps (offloads) the weights
+    engine.sleep(level=2)
+    assert calls == [1, 2] and engine.state is EngineState.DISCARDED
+    with pytest.raises(EngineNotReady, match="discarded"):
+        engine.generate(["abc:"], max_tokens=2)
+    engine.sync(trainer_model, step=61)
+    assert engine.state is EngineState.READY
