@@ -11,7 +11,13 @@ perturbed so each sync writes new values):
 - `rlsync-vllm`: `VLLMEngine.sync` with vLLM's layerwise reload as backend;
 - `trl`: trl 1.16's colocated sync, mirrored exactly: one
   `model.load_weights([(name, param)])` per parameter, then
-  `llm.reset_prefix_cache()`;
+  `llm.reset_prefix_cache()`. On vLLM's CPU build this cannot work for bf16
+  linears: processing moves their weights into a oneDNN handle and leaves an
+  empty `weight` without a loader (the table shows the error);
+- `trl-layerwise`: the same per-parameter calls between vLLM's
+  `initialize_layerwise_reload` and `finalize_layerwise_reload`, the least
+  change that makes per-parameter loading correct on this build, so its
+  per-call cost is still measured;
 - `native`: vLLM's model-runner `reload_weights(weights_iterator=...)`, fed in
   the trainer's (layer) order;
 - `native-shuffled`: the same, fed in a seeded random order;
@@ -49,7 +55,7 @@ from typing import Any
 
 import torch
 
-METHODS = ("rlsync", "rlsync-vllm", "trl", "native", "native-shuffled", "rebuild")
+METHODS = ("rlsync", "rlsync-vllm", "trl", "trl-layerwise", "native", "native-shuffled", "rebuild")
 RESULT_PREFIX = "BENCH-RESULT "
 
 
@@ -151,6 +157,17 @@ class Bench:
         model = self.engine.model
         for name, param in self.weights:  # trl/generation/vllm_generation.py, sync_weights, colocate
             vllm_adapter.load_weights(model, [(name, param)])
+        self.engine.llm.reset_prefix_cache()
+        return {}
+
+    def _trl_layerwise(self) -> dict[str, Any]:
+        from rlsync.engine import vllm_adapter
+
+        model = self.engine.model
+        vllm_adapter.layerwise_begin(model)
+        for name, param in self.weights:
+            vllm_adapter.load_weights(model, [(name, param)])
+        vllm_adapter.layerwise_finish(model, vllm_adapter.model_config(self.engine.llm))
         self.engine.llm.reset_prefix_cache()
         return {}
 

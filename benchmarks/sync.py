@@ -177,6 +177,10 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
+def _short(verify: str) -> str:
+    return verify.replace("SyncError: verify failed: ", "").replace(": bits differ from the reference", " differs")
+
+
 def format_table(result: dict[str, Any]) -> str:
     env = result["env"]
     lines = [
@@ -191,20 +195,20 @@ def format_table(result: dict[str, Any]) -> str:
             f"largest decoder layer {_mib(facts.layer_bytes)} MiB, largest tensor {_mib(facts.max_tensor_bytes)} MiB). Copy floor: bf16 bytes {floor['bf16'] * 1e3:.2f} ms, "
             f"FP8 requant bytes (2 B read + 1 B write per quantized parameter) {floor['fp8'] * 1e3:.2f} ms.",
             "",
-            "| quant | method | median s | first s | vs rlsync | x floor | GB/s | peak extra RSS MiB | backend live MiB | verify |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| quant | method | median s | best s | first s | vs rlsync | x floor | GB/s | peak extra RSS MiB | backend live MiB | verify |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         base = {r["quant"]: r["median_s"] for r in model["records"] if r["method"] == "rlsync" and r["status"] == "ok"}
         for r in model["records"]:
             if r["status"] != "ok":
-                lines.append(f"| {r['quant']} | {r['method']} | failed: {r['error']} | | | | | | | |")
+                lines.append(f"| {r['quant']} | {r['method']} | failed: {r['error']} | | | | | | | | |")
                 continue
             f = floor["bf16"] if r["quant"] == "bf16" else floor["fp8"]
             ratio = f"{r['median_s'] / base[r['quant']]:.2f}" if r["quant"] in base else "-"
             lines.append(
-                f"| {r['quant']} | {r['method']} | {r['median_s']:.4f} | {r['first_s']:.4f} | {ratio} | "
+                f"| {r['quant']} | {r['method']} | {r['median_s']:.4f} | {min(r['times_s']):.4f} | {r['first_s']:.4f} | {ratio} | "
                 f"{r['median_s'] / f:.1f} | {r['num_bytes'] / 1e9 / r['median_s']:.2f} | {_mib(r['peak_rss_bytes'])} | "
-                f"{_mib(r.get('peak_live_bytes'))} | {r.get('verify', '-')} |"
+                f"{_mib(r.get('peak_live_bytes'))} | {_short(r.get('verify', '-'))} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -220,6 +224,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SyncB
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--no-verify", action="store_true", help="skip the bit-exact check after the last sync")
     p.add_argument("--json", dest="json_path", default=None, help="write all records here")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the table of earlier --json runs, run nothing")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     p.add_argument("--quant", help=argparse.SUPPRESS)
@@ -242,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args, cfg = parse_args(argv)
+    if args.table:
+        for path in args.table:
+            print(format_table(json.loads(Path(path).read_text())))
+        return 0
     if cfg is None:
         emit(run_child(args.model_path, args.quant, args.method, args.repeats, not args.no_verify))
         return 0
