@@ -164,17 +164,26 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def normalized_value_error(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """E[(V - R)^2] / Var(R) over completion tokens: 1 for a critic that predicts the mean, 0 for a perfect one.
+def value_error(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """E[(V - R)^2] / E[R^2] over completion tokens: 1 for the zero critic the head starts as, 0 for a perfect one.
 
-    The raw value loss scales with the rewards, which grow as the policy learns;
-    this ratio (1 - explained variance) shows whether the critic learns.
+    Why not the raw value loss: it scales with the returns, which grow from
+    ~0.08 to ~0.9 as the policy learns the tiny task, so a learning critic's raw
+    loss can rise; relative to the zero critic it falls.
     """
+    err = (((values - returns) * mask) ** 2).sum()
+    return float(err / ((returns * mask) ** 2).sum().clamp(min=1e-12))
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over completion tokens (1 = perfect, 0 = no better than the mean)."""
     n = mask.sum().clamp(min=1)
-    mean = (returns * mask).sum() / n
-    var = (((returns - mean) * mask) ** 2).sum() / n
-    err = (((values - returns) * mask) ** 2).sum() / n
-    return float(err / var.clamp(min=1e-8))
+
+    def var(x: torch.Tensor) -> torch.Tensor:
+        mean = (x * mask).sum() / n
+        return (((x - mean) * mask) ** 2).sum() / n
+
+    return float(1 - var(returns - values) / var(returns).clamp(min=1e-12))
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -206,7 +215,8 @@ def ppo_update(model: nn.Module, head: ValueHead, optimizers: list[torch.optim.O
         "logprob_mismatch": float(((old_logp - batch.rollout_logprobs).abs() * mask).sum() / n_tok),
         "value_mean": float((old_values * mask).sum() / n_tok),
         "return_mean": float((returns * mask).sum() / n_tok),
-        "value_error": normalized_value_error(old_values, returns, mask),
+        "value_error": value_error(old_values, returns, mask),
+        "explained_variance": explained_variance(old_values, returns, mask),
     }
     if ref_logp is not None:
         metrics["kl"] = float(((old_logp - ref_logp) * mask).sum() / n_tok)

@@ -30,12 +30,13 @@ import warnings
 import torch.distributed as dist
 
 from rlsync.rl import checkpoint
+from rlsync.rl.state import is_distributed
 from rlsync.rl.run import RunConfig, RunDir
 from rlsync.rl.state import TrainState
 
 
 def is_rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not is_distributed() or dist.get_rank() == 0
 
 
 class Checkpointer:
@@ -59,7 +60,7 @@ class Checkpointer:
         if is_rank0() and root.is_dir():
             for partial in root.glob(".tmp-*"):
                 shutil.rmtree(partial)
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             dist.barrier()
         latest = checkpoint.find_latest(self.run.path)
         if latest is None:
@@ -82,7 +83,7 @@ class Checkpointer:
         state = self.state.state_dict(step)
         if is_rank0():
             checkpoint.save_checkpoint(self.run.path, step, state, keep=self.config.keep_checkpoints)
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             dist.barrier()
         self.saved_step = step
         return True

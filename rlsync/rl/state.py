@@ -57,8 +57,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def is_distributed() -> bool:
+    """More than one trainer rank (vLLM alone initialises a world of one in a single process)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _is_deepspeed(module: nn.Module) -> bool:
@@ -84,7 +85,7 @@ class TrainState:
     def state_dict(self, step: int) -> dict[str, Any]:
         """The full state (collective when distributed: call on every rank; rank 0's result is the one to save)."""
         local = {"rng": rng_state(), "task": self.task.state_dict()}
-        if _distributed():
+        if is_distributed():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -105,13 +106,13 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
         """Restore every piece; returns the step the state was saved at."""
-        world = dist.get_world_size() if _distributed() else 1
+        world = dist.get_world_size() if is_distributed() else 1
         if len(state["ranks"]) != world:
             raise ConfigError(f"resume: checkpoint was written by {len(state['ranks'])} ranks, this run has {world}")
         missing = (set(self.modules) - set(state["modules"])) | (set(self.optimizers) - set(state["optimizers"]))
         if missing:
             raise ConfigError(f"resume: checkpoint has no state for {sorted(missing)} (saved by another recipe?)")
-        if _distributed():
+        if is_distributed():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             options = StateDictOptions(full_state_dict=True)  # every rank read the same file
@@ -124,7 +125,7 @@ class TrainState:
                 module.load_state_dict(state["modules"][name])
             for name, optim in self.optimizers.items():
                 optim.load_state_dict(state["optimizers"][name])
-        mine = state["ranks"][dist.get_rank() if _distributed() else 0]
+        mine = state["ranks"][dist.get_rank() if is_distributed() else 0]
         self.task.load_state_dict(mine["task"])
         set_rng_state(mine["rng"])
         return int(state["step"])

@@ -9,9 +9,10 @@ from rlsync.rl.ppo import (
     ValueHead,
     gae,
     logprobs_and_values,
-    normalized_value_error,
+    explained_variance,
     ppo_update,
     token_rewards,
+    value_error,
     value_loss,
     whiten,
 )
@@ -67,11 +68,13 @@ def test_whiten_and_value_loss_clip():
     assert value_loss(torch.full((1, 1), 0.1), old, ret, m, clip=0.2).item() == pytest.approx(0.5 * 0.9**2)
 
 
-def test_normalized_value_error_is_one_for_the_mean_and_zero_for_perfect():
+def test_value_error_and_explained_variance():
     ret = torch.tensor([[1.0, 2.0, 3.0]])
     mask = torch.ones(1, 3)
-    assert normalized_value_error(torch.full((1, 3), 2.0), ret, mask) == pytest.approx(1.0)
-    assert normalized_value_error(ret.clone(), ret, mask) == 0.0
+    assert value_error(torch.zeros(1, 3), ret, mask) == 1.0  # the zero critic
+    assert value_error(ret.clone(), ret, mask) == 0.0
+    assert explained_variance(torch.full((1, 3), 2.0), ret, mask) == pytest.approx(0.0)  # the mean
+    assert explained_variance(ret + 5, ret, mask) == pytest.approx(1.0)  # a constant offset is explained
 
 
 def _tiny_model():
@@ -108,8 +111,9 @@ def test_ppo_update_fits_the_critic():
     hp = PPOHParams(epochs=4, num_minibatches=2, lr=1e-6, value_lr=1e-2, lam=1.0, is_cap=None, value_clip=10.0)
     metrics, _ = _run(hp, 6)
     errors = [m["value_error"] for m in metrics]
-    assert errors[0] > 1.0  # a zero critic vs returns with mean 0.5: error (var + mean^2) / var
-    assert errors[-1] < 0.1 and errors[-1] < errors[2] < errors[0], errors
+    assert errors[0] == 1.0  # the head starts as the zero critic
+    assert errors[-1] < 0.05 and errors[-1] < errors[2] < errors[0], errors
+    assert metrics[-1]["explained_variance"] > 0.5, metrics[-1]
     for key in ("loss", "policy_loss", "value_loss", "clip_fraction", "grad_norm", "logprob_mismatch"):
         assert metrics[0][key] == metrics[0][key]  # present, not NaN
 
