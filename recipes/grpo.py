@@ -30,7 +30,7 @@ from rlsync.rl.optim import build_optimizer
 from rlsync.rl.resume import Checkpointer, is_rank0
 from rlsync.rl.rollout import SyncConfig, collect, sync_source
 from rlsync.rl.run import RunConfig, RunDir
-from rlsync.rl.state import TrainState
+from rlsync.rl.state import TrainState, trainer_rank
 from rlsync.rl.tasks import TaskConfig, make_task
 from rlsync.rl.trainer_model import ModelConfig, frozen_copy, load_trainer_model, require_model_path, trainer_device
 
@@ -74,7 +74,8 @@ def main(cfg: GRPOConfig) -> RunDir:
     reference = frozen_copy(policy) if hp.kl_coef > 0 else None
     optimizer = build_optimizer(policy.parameters(), hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
                                 kwargs=hp.optimizer_kwargs, section="grpo")
-    task = make_task(cfg.task, seed=cfg.run.seed)
+    seed = cfg.run.seed + trainer_rank()  # each rank draws its own prompts and samples
+    task = make_task(cfg.task, seed=seed)
     state = TrainState(modules={"policy": policy}, optimizers={"policy": optimizer}, task=task)
     engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
     source = sync_source(policy, cfg.engine.dtype, progress=cfg.run.progress and is_rank0())
@@ -85,7 +86,7 @@ def main(cfg: GRPOConfig) -> RunDir:
     for step in bar:
         t0 = time.perf_counter()
         rollout = collect(engine, task, tokenizer, num_prompts=hp.prompts_per_step, n=hp.group_size,
-                          max_tokens=hp.max_tokens, temperature=hp.temperature, seed=cfg.run.seed, step=step,
+                          max_tokens=hp.max_tokens, temperature=hp.temperature, seed=seed, step=step,
                           device=device)
         advantages = group_advantages(rollout.rewards, hp.group_size)
         metrics = grpo_update(policy, optimizer, rollout.batch, advantages, hp, reference)

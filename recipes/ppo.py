@@ -31,7 +31,7 @@ from rlsync.rl.ppo import PPOHParams, ValueHead, ppo_update
 from rlsync.rl.resume import Checkpointer, is_rank0
 from rlsync.rl.rollout import SyncConfig, collect, sync_source
 from rlsync.rl.run import RunConfig, RunDir
-from rlsync.rl.state import TrainState
+from rlsync.rl.state import TrainState, trainer_rank
 from rlsync.rl.tasks import TaskConfig, make_task
 from rlsync.rl.trainer_model import ModelConfig, frozen_copy, load_trainer_model, require_model_path, trainer_device
 
@@ -80,7 +80,8 @@ def main(cfg: PPOConfig) -> RunDir:
         "value_head": build_optimizer(value_head.parameters(), hp.optimizer, lr=hp.value_lr,
                                       weight_decay=hp.weight_decay, kwargs=hp.optimizer_kwargs, section="ppo"),
     }
-    task = make_task(cfg.task, seed=cfg.run.seed)
+    seed = cfg.run.seed + trainer_rank()  # each rank draws its own prompts and samples
+    task = make_task(cfg.task, seed=seed)
     state = TrainState(modules={"policy": policy, "value_head": value_head}, optimizers=optimizers, task=task)
     engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
     source = sync_source(policy, cfg.engine.dtype, progress=cfg.run.progress and is_rank0())
@@ -91,7 +92,7 @@ def main(cfg: PPOConfig) -> RunDir:
     for step in bar:
         t0 = time.perf_counter()
         rollout = collect(engine, task, tokenizer, num_prompts=hp.prompts_per_step, n=hp.samples_per_prompt,
-                          max_tokens=hp.max_tokens, temperature=hp.temperature, seed=cfg.run.seed, step=step,
+                          max_tokens=hp.max_tokens, temperature=hp.temperature, seed=seed, step=step,
                           device=device)
         metrics = ppo_update(policy, value_head, list(optimizers.values()), rollout.batch, rollout.rewards, hp,
                              reference)

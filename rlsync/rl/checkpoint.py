@@ -65,7 +65,8 @@ def save_checkpoint(run_path: str | Path, step: int, state: dict[str, Any], *, k
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    manifest = {"step": step, "files": {STATE_FILE: {"bytes": state_path.stat().st_size, "sha256": _sha256(state_path)}}}
+    meta = {"bytes": state_path.stat().st_size, "sha256": _sha256(state_path)}
+    manifest = {"step": step, "files": {STATE_FILE: meta}}
     _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     _fsync_dir(tmp)
     if final.exists():  # a complete checkpoint of this step from before a resume: this one replaces it

@@ -90,7 +90,8 @@ def fused_widths(config: dict[str, Any]) -> dict[str, list[int]]:
 def check_engine(engine: EngineConfig) -> None:
     """Engine keys that are wrong whatever the model."""
     if engine.reload_backend not in RELOAD_BACKENDS:
-        raise ConfigError(f"engine.reload_backend: {engine.reload_backend!r} is not one of {', '.join(RELOAD_BACKENDS)}")
+        raise ConfigError(f"engine.reload_backend: {engine.reload_backend!r} is not one of "
+                          f"{', '.join(RELOAD_BACKENDS)}")
     if engine.reload_backend == "rlsync" and engine.quantization != RLSYNC_FP8:  # the plugin registers itself
         try:
             check_supported(engine.quantization)

@@ -152,7 +152,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 def _check_same_experiment(saved: dict, resolved: dict, config_path: Path) -> None:
     saved_flat, new_flat = _flatten(saved), _flatten(resolved)
     changed = sorted(k for k in saved_flat.keys() | new_flat.keys() if saved_flat.get(k) != new_flat.get(k))
-    blocking = [k for k in changed if not any(k == r or (r.startswith(".") and k.endswith(r)) for r in RESUMABLE_CHANGES)]
+    blocking = [k for k in changed
+                if not any(k == r or (r.startswith(".") and k.endswith(r)) for r in RESUMABLE_CHANGES)]
     if blocking:
         details = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in blocking[:5])
         raise ConfigError(

@@ -62,6 +62,10 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def trainer_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
 def _is_deepspeed(module: nn.Module) -> bool:
     return type(module).__name__ == "DeepSpeedEngine"
 
