@@ -112,14 +112,16 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # `X | None`: X's own message is the precise one
+            return _convert(members[0], value, key)
+        for arg in members:
             try:
                 return _convert(arg, value, key)
             except ConfigError:
                 continue  # try the next member of the union; the error below names them all
-        raise ConfigError(f"{key}: {value!r} does not fit {_name(tp)}")
+        names = [_name(a) for a in members] + (["null"] if type(None) in args else [])
+        raise ConfigError(f"{key}: {value!r} is none of {', '.join(names)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

@@ -21,7 +21,7 @@ import dataclasses
 import enum
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -30,7 +30,7 @@ from rlsync.engine.backends import ReloadBackend, make_backend
 from rlsync.engine.checkpoint import checkpoint_shapes
 from rlsync.engine.report import SyncReport
 from rlsync.engine.verify import verify_groups
-from rlsync.errors import EngineNotReady, SyncError
+from rlsync.errors import ConfigError, EngineNotReady, SyncError
 from rlsync.source import WeightSource, source_for
 from rlsync.source.base import Group
 
@@ -68,6 +68,10 @@ class EngineConfig:
     """Fraction of device memory for vLLM (GPU only)."""
     enable_sleep_mode: bool = False
     """Let the engine release memory between rollouts (`sleep` / `wake_up`)."""
+    fp8_scheme: Literal["tensor", "channel", "block"] | None = None
+    """With `quantization: rlsync_fp8`: FP8 scale granularity (null = channel)."""
+    fp8_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """With `quantization: rlsync_fp8`: other plugin keys, e.g. `block: [128, 128]`, `kernel: emulated`."""
     reject_nonfinite: bool = False
     """Fail a sync that receives NaN or Inf (costs one pass over each tensor)."""
     llm_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -90,6 +94,28 @@ class PromptResult:
     completions: list[Completion]
 
 
+def fp8_hf_overrides(cfg: EngineConfig) -> dict[str, Any] | None:
+    """The plugin's `hf_overrides` for `fp8_scheme` / `fp8_options`, or None when unset.
+
+    The scheme travels in the model's `quantization_config`, so vLLM worker
+    processes see it too. Setting both these keys and a `quantization_config`
+    in `llm_kwargs.hf_overrides` is ambiguous and refused.
+    """
+    if cfg.fp8_scheme is None and not cfg.fp8_options:
+        return None
+    from rlsync.quant.plugin import NAME, hf_overrides
+
+    if cfg.quantization != NAME:
+        raise ConfigError(f"engine.fp8_scheme / engine.fp8_options apply to quantization={NAME!r} only "
+                          f"(quantization is {cfg.quantization!r})")
+    if "quantization_config" in cfg.llm_kwargs.get("hf_overrides", {}):
+        raise ConfigError("engine.fp8_scheme: also set in engine.llm_kwargs.hf_overrides.quantization_config; keep one")
+    try:
+        return hf_overrides(cfg.fp8_scheme or "channel", **cfg.fp8_options)
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"engine.fp8_options: {exc}") from exc
+
+
 class VLLMEngine:
     """A colocated vLLM engine with fail-closed weight sync."""
 
@@ -109,6 +135,9 @@ class VLLMEngine:
             "logprobs_mode": "processed_logprobs",
             **cfg.llm_kwargs,
         }
+        scheme = fp8_hf_overrides(cfg)
+        if scheme is not None:
+            llm_kwargs["hf_overrides"] = {**llm_kwargs.get("hf_overrides", {}), **scheme}
         from rlsync.reload import capture, get_capture  # here: rlsync.reload imports this package
 
         # Capture the load format as vLLM builds the model, whichever backend runs

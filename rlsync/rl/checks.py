@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlsync.engine.engine import EngineConfig
+from rlsync.engine.engine import EngineConfig, fp8_hf_overrides
 from rlsync.errors import ConfigError
 from rlsync.quant.plugin import NAME as RLSYNC_FP8
 from rlsync.reload.support import check_supported
@@ -54,12 +54,15 @@ def model_config(model: ModelConfig) -> dict[str, Any] | None:
 
 
 def fp8_config(engine: EngineConfig):
-    """The `rlsync_fp8` scheme the engine will use (from `engine.llm_kwargs.hf_overrides`), or None."""
+    """The `rlsync_fp8` scheme the engine will use (`engine.fp8_scheme` / `fp8_options`, or
+    `engine.llm_kwargs.hf_overrides`), or None."""
     if engine.quantization != RLSYNC_FP8:
+        if engine.fp8_scheme is not None or engine.fp8_options:
+            raise ConfigError(f"engine.fp8_scheme / engine.fp8_options apply to quantization={RLSYNC_FP8!r} only")
         return None
     from rlsync.quant.fp8_linear import Fp8Config
 
-    overrides = engine.llm_kwargs.get("hf_overrides", {})
+    overrides = fp8_hf_overrides(engine) or engine.llm_kwargs.get("hf_overrides", {})
     if not isinstance(overrides, dict):
         raise ConfigError("engine.llm_kwargs.hf_overrides: expected a mapping")
     raw = overrides.get("quantization_config", {"quant_method": RLSYNC_FP8})
@@ -130,6 +133,8 @@ def check_run(model: ModelConfig, engine: EngineConfig, *, prompt_length: int, m
             try:
                 check_shards(fp8, widths)
             except ConfigError as exc:
-                raise ConfigError(f"engine.llm_kwargs.hf_overrides.quantization_config.block: {fp8.block} does not "
+                key = "engine.fp8_options.block" if engine.fp8_scheme or engine.fp8_options else \
+                    "engine.llm_kwargs.hf_overrides.quantization_config.block"
+                raise ConfigError(f"{key}: {fp8.block} does not "
                                   f"fit {layer} (shards {widths}) of {model.path or 'the built-in tiny model'}: {exc}"
                                   ) from exc
