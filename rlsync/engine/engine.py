@@ -261,17 +261,27 @@ class VLLMEngine:
         max_tokens: int = 32,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         stop_token_ids: Sequence[int] | None = None,
     ) -> list[PromptResult]:
-        """Sample `n` completions per prompt with the sampled tokens' log-probs."""
+        """Sample `n` completions per prompt with the sampled tokens' log-probs.
+
+        `seed`: None (engine RNG), one int for every prompt (prompts then share a
+        random stream), or one int per prompt (independent, reproducible streams).
+        """
         self._require_ready()
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, logprobs=0, stop_token_ids=list(stop_token_ids or []),
-        )
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
+        params = [
+            SamplingParams(
+                n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                seed=s, logprobs=0, stop_token_ids=list(stop_token_ids or []),
+            )
+            for s in seeds
+        ]
         outputs = self.llm.generate(_as_inputs(prompts), params, use_tqdm=False)
         results = []
         for out in outputs:

@@ -189,3 +189,16 @@ def test_sleep_level_2_discards_until_a_full_sync(engine, trainer_model, monkeyp
         engine.generate(["abc:"], max_tokens=2)
     engine.sync(trainer_model, step=61)
     assert engine.state is EngineState.READY
+
+
+def test_per_prompt_seeds_are_independent_and_reproducible(engine, trainer_model):
+    engine.sync(trainer_model, step=70)
+    prompts = ["abc:", "abc:"]
+    shared = engine.generate(prompts, max_tokens=8, seed=3)
+    assert shared[0].completions[0].token_ids == shared[1].completions[0].token_ids  # one stream for both
+    own = engine.generate(prompts, max_tokens=8, seed=[3, 4])
+    assert own[0].completions[0].token_ids == shared[0].completions[0].token_ids
+    assert own[1].completions[0].token_ids != own[0].completions[0].token_ids
+    assert engine.generate(prompts, max_tokens=8, seed=[3, 4])[1].completions[0].token_ids == own[1].completions[0].token_ids
+    with pytest.raises(ValueError, match="3 seeds for 2 prompts"):
+        engine.generate(prompts, seed=[1, 2, 3])
