@@ -2,6 +2,7 @@
 
     rlsync run configs/grpo/tiny_cpu_fp8.yaml [key=value ...]
     rlsync run configs/grpo/tiny_cpu_fp8.yaml resume=true      # continue from the last checkpoint
+    torchrun --nproc_per_node 2 --no-python rlsync run configs/grpo/tiny_cpu_fsdp2.yaml   # trainer.backend: fsdp2
 
 Each step samples `group_size` completions per prompt from the engine (seeded
 by (run seed, step), so a resumed run samples what an uninterrupted one would),
@@ -11,6 +12,12 @@ FP8-engine / trainer mismatch and, if `kl_coef` > 0, a KL penalty to the frozen
 initial policy), and syncs the new weights into the engine, which
 re-quantizes them. Metrics go to `<run dir>/metrics.jsonl`, checkpoints to
 `<run dir>/checkpoints/` every `run.checkpoint_every` steps.
+
+Under a launcher (`trainer.backend` ddp / fsdp1 / fsdp2 / zero2 / zero3) every
+rank joins the trainer's process group first, then builds its own colocated
+engine; each rank samples its own prompts (seed + rank), the backend averages
+the gradients, every rank syncs its engine from the sharded policy in lockstep,
+and rank 0 logs the metrics averaged over the ranks.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from rlsync.rl.run import RunConfig, RunDir
 from rlsync.rl.state import TrainState, trainer_rank
 from rlsync.rl.tasks import TaskConfig, make_task
 from rlsync.rl.trainer_model import ModelConfig, frozen_copy, load_trainer_model, require_model_path, trainer_device
+from rlsync.trainer import (
+    TrainerConfig, check_trainer_run, mean_over_ranks, setup_distributed, teardown_distributed, wrap,
+)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -55,30 +65,39 @@ class GRPOConfig:
     """Optimisation settings."""
     sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
     """Sync verification."""
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    """Trainer parallelism (single process, DDP, FSDP, ZeRO), LoRA, gather budget."""
 
     def validate(self) -> None:
         if self.engine.model:
             raise ConfigError("engine.model is set from model.path; leave it out of the config")
         check_run(self.model, self.engine, prompt_length=self.task.prompt_length, max_tokens=self.grpo.max_tokens,
                   section="grpo")
+        check_trainer_run(self.trainer, checkpoint_every=self.run.checkpoint_every, resume=self.resume)
 
 
 def main(cfg: GRPOConfig) -> RunDir:
     require_model_path(cfg.model)
     cfg.validate()  # again, now with the model's config.json on disk
     hp = cfg.grpo
+    setup_distributed(cfg.trainer)  # before the engine: vLLM sets up its own world of one in this process
     torch.manual_seed(cfg.run.seed)
     run = RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0())
     policy, model_path, tokenizer = load_trainer_model(cfg.model)
     device = trainer_device(cfg.model)
     reference = frozen_copy(policy) if hp.kl_coef > 0 else None
-    optimizer = build_optimizer(policy.parameters(), hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
-                                kwargs=hp.optimizer_kwargs, section="grpo")
+
+    def make_optimizer(params):
+        return build_optimizer(params, hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+                               kwargs=hp.optimizer_kwargs, section="grpo")
+
+    trainer = wrap(policy, cfg.trainer, make_optimizer, max_grad_norm=hp.max_grad_norm)
     seed = cfg.run.seed + trainer_rank()  # each rank draws its own prompts and samples
     task = make_task(cfg.task, seed=seed)
-    state = TrainState(modules={"policy": policy}, optimizers={"policy": optimizer}, task=task)
+    state = TrainState(modules={"policy": trainer.model}, optimizers=trainer.optimizers, task=task)
     engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
-    source = sync_source(policy, cfg.engine.dtype, progress=cfg.run.progress and is_rank0())
+    source = sync_source(trainer.model, cfg.engine.dtype, progress=cfg.run.progress and is_rank0(),
+                         bucket_bytes=cfg.trainer.bucket_bytes, timeout_s=cfg.trainer.timeout_s)
     ckpt = Checkpointer(run, cfg.run, state)
     start = ckpt.resume(engine, source) if cfg.resume else ckpt.start()
 
@@ -89,13 +108,14 @@ def main(cfg: GRPOConfig) -> RunDir:
                           max_tokens=hp.max_tokens, temperature=hp.temperature, seed=seed, step=step,
                           device=device)
         advantages = group_advantages(rollout.rewards, hp.group_size)
-        metrics = grpo_update(policy, optimizer, rollout.batch, advantages, hp, reference)
+        metrics = grpo_update(trainer.model, trainer.stepper, rollout.batch, advantages, hp, reference)
         verify = cfg.sync.verify_every > 0 and step % cfg.sync.verify_every == 0
         report = engine.sync(source, step=step, verify=verify)
         metrics.update(reward=float(rollout.rewards.mean()), step_seconds=time.perf_counter() - t0, **report.metrics())
+        metrics = mean_over_ranks(metrics)
         run.log(step, metrics)
         ckpt.maybe_save(step, final=step == hp.steps)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", sync_s=f"{report.seconds:.3f}")
     run.close()
+    teardown_distributed()
     return run
-

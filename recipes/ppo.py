@@ -2,6 +2,7 @@
 
     rlsync run configs/ppo/tiny_cpu_fp8.yaml [key=value ...]
     rlsync run configs/ppo/tiny_cpu_fp8.yaml resume=true      # continue from the last checkpoint
+    torchrun --nproc_per_node 2 --no-python rlsync run configs/ppo/tiny_cpu_fp8.yaml trainer.backend=ddp
 
 Each step samples `samples_per_prompt` completions per prompt from the engine
 (seeded by (run seed, step)), scores them with the task's sequence-level reward,
@@ -12,6 +13,11 @@ trainer mismatch) and the clipped value loss. With `kl_coef` > 0 the per-token
 KL to the frozen initial policy is subtracted from the reward (see
 `rlsync.rl.ppo`). After the update the policy is synced into the engine, which
 re-quantizes it; the value head never leaves the trainer.
+
+Under a launcher (`trainer.backend`, see `recipes/grpo.py`) the policy is
+wrapped by the backend and the value head stays a plain module on every rank:
+its gradients are averaged over the ranks before each step (`rlsync.trainer`),
+so all ranks keep the same critic.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from rlsync.rl.run import RunConfig, RunDir
 from rlsync.rl.state import TrainState, trainer_rank
 from rlsync.rl.tasks import TaskConfig, make_task
 from rlsync.rl.trainer_model import ModelConfig, frozen_copy, load_trainer_model, require_model_path, trainer_device
+from rlsync.trainer import (
+    TrainerConfig, check_trainer_run, mean_over_ranks, setup_distributed, teardown_distributed, wrap,
+)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -56,35 +65,43 @@ class PPOConfig:
     """Optimisation settings."""
     sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
     """Sync verification."""
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    """Trainer parallelism (single process, DDP, FSDP, ZeRO), LoRA, gather budget."""
 
     def validate(self) -> None:
         if self.engine.model:
             raise ConfigError("engine.model is set from model.path; leave it out of the config")
         check_run(self.model, self.engine, prompt_length=self.task.prompt_length, max_tokens=self.ppo.max_tokens,
                   section="ppo")
+        check_trainer_run(self.trainer, checkpoint_every=self.run.checkpoint_every, resume=self.resume)
 
 
 def main(cfg: PPOConfig) -> RunDir:
     require_model_path(cfg.model)
     cfg.validate()  # again, now with the model's config.json on disk
     hp = cfg.ppo
+    setup_distributed(cfg.trainer)  # before the engine: vLLM sets up its own world of one in this process
     torch.manual_seed(cfg.run.seed)
     run = RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0())
     policy, model_path, tokenizer = load_trainer_model(cfg.model)
     device = trainer_device(cfg.model)
     reference = frozen_copy(policy) if hp.kl_coef > 0 else None
     value_head = ValueHead(policy.config.hidden_size).to(device)
-    optimizers = {
-        "policy": build_optimizer(policy.parameters(), hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
-                                  kwargs=hp.optimizer_kwargs, section="ppo"),
-        "value_head": build_optimizer(value_head.parameters(), hp.optimizer, lr=hp.value_lr,
-                                      weight_decay=hp.weight_decay, kwargs=hp.optimizer_kwargs, section="ppo"),
-    }
+
+    def make_optimizer(params, lr=hp.lr):
+        return build_optimizer(params, hp.optimizer, lr=lr, weight_decay=hp.weight_decay,
+                               kwargs=hp.optimizer_kwargs, section="ppo")
+
+    value_optimizer = make_optimizer(value_head.parameters(), lr=hp.value_lr)
+    trainer = wrap(policy, cfg.trainer, make_optimizer, max_grad_norm=hp.max_grad_norm, extra=[value_head],
+                   extra_optimizers=[value_optimizer])
     seed = cfg.run.seed + trainer_rank()  # each rank draws its own prompts and samples
     task = make_task(cfg.task, seed=seed)
-    state = TrainState(modules={"policy": policy, "value_head": value_head}, optimizers=optimizers, task=task)
+    state = TrainState(modules={"policy": trainer.model, "value_head": value_head},
+                       optimizers={**trainer.optimizers, "value_head": value_optimizer}, task=task)
     engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
-    source = sync_source(policy, cfg.engine.dtype, progress=cfg.run.progress and is_rank0())
+    source = sync_source(trainer.model, cfg.engine.dtype, progress=cfg.run.progress and is_rank0(),
+                         bucket_bytes=cfg.trainer.bucket_bytes, timeout_s=cfg.trainer.timeout_s)
     ckpt = Checkpointer(run, cfg.run, state)
     start = ckpt.resume(engine, source) if cfg.resume else ckpt.start()
 
@@ -94,14 +111,15 @@ def main(cfg: PPOConfig) -> RunDir:
         rollout = collect(engine, task, tokenizer, num_prompts=hp.prompts_per_step, n=hp.samples_per_prompt,
                           max_tokens=hp.max_tokens, temperature=hp.temperature, seed=seed, step=step,
                           device=device)
-        metrics = ppo_update(policy, value_head, list(optimizers.values()), rollout.batch, rollout.rewards, hp,
+        metrics = ppo_update(trainer.model, value_head, trainer.stepper, rollout.batch, rollout.rewards, hp,
                              reference)
         verify = cfg.sync.verify_every > 0 and step % cfg.sync.verify_every == 0
         report = engine.sync(source, step=step, verify=verify)
         metrics.update(reward=float(rollout.rewards.mean()), step_seconds=time.perf_counter() - t0, **report.metrics())
+        metrics = mean_over_ranks(metrics)
         run.log(step, metrics)
         ckpt.maybe_save(step, final=step == hp.steps)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", value_loss=f"{metrics['value_loss']:.4f}")
     run.close()
+    teardown_distributed()
     return run
-

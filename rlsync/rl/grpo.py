@@ -20,6 +20,7 @@ import torch
 from rlsync.errors import ConfigError
 from rlsync.rl.logprobs import RolloutBatch, token_logprobs
 from rlsync.rl.optim import check_optimizer
+from rlsync.trainer.stepper import Stepper, TorchStepper
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -117,13 +118,19 @@ def policy_loss(
 
 def grpo_update(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Stepper | torch.optim.Optimizer,
     batch: RolloutBatch,
     advantages: torch.Tensor,
     hp: GRPOHParams,
     ref_model: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """`hp.updates_per_step` gradient steps on one batch; returns metrics of the first."""
+    """`hp.updates_per_step` gradient steps on one batch; returns metrics of the first.
+
+    `optimizer` is the trainer backend's `Stepper` (`rlsync.trainer.wrap`), or a
+    plain torch optimizer for a model in one process.
+    """
+    stepper = optimizer if isinstance(optimizer, Stepper) else TorchStepper(
+        model, [optimizer], max_grad_norm=hp.max_grad_norm)
     mask = batch.completion_mask
     with torch.no_grad():
         old_logp = token_logprobs(model, batch, hp.temperature)
@@ -133,10 +140,9 @@ def grpo_update(
     for i in range(hp.updates_per_step):
         logp = token_logprobs(model, batch, hp.temperature)
         loss, stats = policy_loss(logp, old_logp, advantages, batch, hp, ref_logp)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
-        optimizer.step()
+        stepper.zero_grad()
+        stepper.backward(loss)
+        grad_norm = stepper.step()
         if i == 0:
             metrics.update(loss=float(loss.detach()), grad_norm=float(grad_norm), **stats)
     return metrics

@@ -33,6 +33,7 @@ from rlsync.errors import ConfigError
 from rlsync.rl.grpo import policy_loss
 from rlsync.rl.logprobs import RolloutBatch, token_logprobs
 from rlsync.rl.optim import check_optimizer
+from rlsync.trainer.stepper import Stepper, TorchStepper
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -198,9 +199,17 @@ def _select(batch: RolloutBatch, idx: torch.Tensor) -> RolloutBatch:
     return RolloutBatch(**{f.name: getattr(batch, f.name)[idx] for f in dataclasses.fields(RolloutBatch)})
 
 
-def ppo_update(model: nn.Module, head: ValueHead, optimizers: list[torch.optim.Optimizer], batch: RolloutBatch,
-               rewards: torch.Tensor, hp: PPOHParams, ref_model: nn.Module | None = None) -> dict[str, float]:
-    """`hp.epochs` x `hp.num_minibatches` PPO steps on one batch; returns step metrics."""
+def ppo_update(model: nn.Module, head: ValueHead, optimizers: Stepper | list[torch.optim.Optimizer],
+               batch: RolloutBatch, rewards: torch.Tensor, hp: PPOHParams, ref_model: nn.Module | None = None
+               ) -> dict[str, float]:
+    """`hp.epochs` x `hp.num_minibatches` PPO steps on one batch; returns step metrics.
+
+    `optimizers` is the trainer backend's `Stepper` (built by `rlsync.trainer.wrap`
+    with the head as an `extra` module), or the policy's and the head's plain
+    torch optimizers for models in one process.
+    """
+    stepper = optimizers if isinstance(optimizers, Stepper) else TorchStepper(
+        model, list(optimizers), max_grad_norm=hp.max_grad_norm, extra=[head])
     mask = batch.completion_mask
     detach = hp.value_trunk == "detached"
     with torch.no_grad():
@@ -220,7 +229,6 @@ def ppo_update(model: nn.Module, head: ValueHead, optimizers: list[torch.optim.O
     }
     if ref_logp is not None:
         metrics["kl"] = float(((old_logp - ref_logp) * mask).sum() / n_tok)
-    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
     sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
     num = 0
     for _ in range(hp.epochs):
@@ -231,14 +239,12 @@ def ppo_update(model: nn.Module, head: ValueHead, optimizers: list[torch.optim.O
             pg, stats = policy_loss(logp, old_logp[idx], advantages[idx], mb, hp)
             vl = value_loss(values, old_values[idx], returns[idx], mb.completion_mask, hp.value_clip)
             loss = pg + hp.vf_coef * vl
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-            for opt in optimizers:
-                opt.step()
-            for key, value in (("loss", loss), ("policy_loss", pg), ("value_loss", vl), ("grad_norm", grad_norm)):
+            stepper.zero_grad()
+            stepper.backward(loss)
+            grad_norm = stepper.step()
+            for key, value in (("loss", loss), ("policy_loss", pg), ("value_loss", vl)):
                 sums[key] += float(value.detach())
+            sums["grad_norm"] += grad_norm
             sums["clip_fraction"] += stats["clip_fraction"]
             num += 1
     metrics.update({k: v / num for k, v in sums.items()})

@@ -93,6 +93,13 @@ class ProgressSource(WeightSource):
         self._num_groups = count  # known after the first sync; later bars show a total
 
 
-def sync_source(policy: torch.nn.Module, engine_dtype: str, *, progress: bool) -> WeightSource:
-    """The source a recipe syncs from: `source_for(policy)` cast to the engine dtype, with a bar."""
-    return ProgressSource(source_for(policy, dtype=getattr(torch, engine_dtype)), enabled=progress)
+def sync_source(policy: torch.nn.Module, engine_dtype: str, *, progress: bool, bucket_bytes: int | None = None,
+                timeout_s: float = 300.0) -> WeightSource:
+    """The source a recipe syncs from: `source_for(policy)` cast to the engine dtype, with a bar.
+
+    `policy` is the trainer's model as its backend wraps it (plain, DDP, FSDP1/2,
+    a DeepSpeed engine); `bucket_bytes` and `timeout_s` are the `trainer:`
+    section's gather budget and lockstep timeout.
+    """
+    inner = source_for(policy, dtype=getattr(torch, engine_dtype), bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+    return ProgressSource(inner, enabled=progress)

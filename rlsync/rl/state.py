@@ -12,8 +12,9 @@ Limitations:
    modules and DDP save as they are; with torch.distributed initialised the
    state goes through `torch.distributed.checkpoint.state_dict` (full state
    dict, CPU offload), which covers FSDP1 and FSDP2; on resume every rank reads
-   the same file (one node or a shared filesystem). DeepSpeed engines keep their optimizer inside the engine and
-   are refused (`CheckpointUnsupported`); use DeepSpeed's own checkpoints.
+   the same file (one node or a shared filesystem). DeepSpeed engines keep their optimizer inside the engine:
+   saving or loading them is refused (`CheckpointUnsupported`; the recipes refuse such configs when they load,
+   see `rlsync.trainer.check_trainer_run`).
 2. Each rank saves its own RNG and task state in the same file under
    `ranks[r]`, gathered to rank 0, so resuming with a different world size is
    refused.
@@ -78,7 +79,7 @@ class TrainState:
     optimizers: dict[str, torch.optim.Optimizer]
     task: Any
 
-    def __post_init__(self) -> None:
+    def _refuse_deepspeed(self) -> None:
         for name, module in self.modules.items():
             if _is_deepspeed(module):
                 raise CheckpointUnsupported(
@@ -88,6 +89,7 @@ class TrainState:
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """The full state (collective when distributed: call on every rank; rank 0's result is the one to save)."""
+        self._refuse_deepspeed()
         local = {"rng": rng_state(), "task": self.task.state_dict()}
         if is_distributed():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -110,6 +112,7 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
         """Restore every piece; returns the step the state was saved at."""
+        self._refuse_deepspeed()
         world = dist.get_world_size() if is_distributed() else 1
         if len(state["ranks"]) != world:
             raise ConfigError(f"resume: checkpoint was written by {len(state['ranks'])} ranks, this run has {world}")
