@@ -7,6 +7,9 @@ its engine's FP8 tensors bit-exact against the reference quantization (a
 mismatch raises and the launcher exits non-zero). The tests then check exit
 code, wall time, one engine per rank (vLLM's per-process log prefix), and a
 metrics file written by rank 0 alone with the ranks' mean of each metric.
+FSDP2 also checkpoints and resumes: the resumed run's metrics equal the
+uninterrupted run's exactly. (ZeRO runs refuse checkpoints when the config
+loads: tests/unit/test_trainer.py.)
 
 A separate launch per launcher runs `worker_stepper.py`: every backend's step
 (gradient averaging, global-norm clipping, the value head outside the wrapper)
@@ -94,6 +97,21 @@ def test_fsdp2_and_zero3_take_the_same_first_step(fsdp2_run, zero3_run):
     assert first_fsdp2["reward"] == first_zero3["reward"]
     for key in ("loss", "grad_norm"):
         assert first_fsdp2[key] == pytest.approx(first_zero3[key], rel=1e-5), key
+
+
+def test_fsdp2_checkpoint_and_resume_reproduce_the_uninterrupted_run(fsdp2_run, tmp_path):
+    # 2 steps with a checkpoint each (full state dict through torch.distributed.checkpoint, written by rank 0),
+    # then resume=true to step 3: every metric of every step equals the uninterrupted 3-step run's
+    config = "configs/grpo/tiny_cpu_fsdp2.yaml"
+    run_recipe("torchrun", config, ["grpo.steps=2", "run.checkpoint_every=1"], tmp_path, timeout_s=300)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_000001",
+                                                                                        "step_000002"]
+    log, _ = run_recipe("torchrun", config, ["grpo.steps=3", "run.checkpoint_every=1", "resume=true"], tmp_path,
+                        timeout_s=300)
+    resumed = check_run(log, tmp_path, 3)
+    for want, got in zip(fsdp2_run[0], resumed, strict=True):
+        for key in ("loss", "grad_norm", "reward", "logprob_mismatch", "clip_fraction"):
+            assert got[key] == want[key], (want["step"], key, got[key], want[key])
 
 
 def test_ppo_ddp_under_torchrun(tmp_path):
