@@ -6,9 +6,9 @@ Layout under `<run dir>/checkpoints/`:
     step_000006/manifest.json   written last: step, each file's byte size and sha256
     latest                      one line, `step_000006`, replaced atomically
 
-Why this order: a checkpoint is written into `.tmp-step_XXXXXX-<pid>/`, every
+Why this order: a checkpoint is written into `.tmp-step_NNNNNN-<pid>/`, every
 file and the directory are fsynced, the manifest goes in last, then the
-directory is renamed to `step_XXXXXX` and only then is `latest` replaced (write
+directory is renamed to `step_NNNNNN` and only then is `latest` replaced (write
 a temp file, fsync, `os.replace`). Whatever instant a run dies at, `latest`
 names a complete checkpoint or the previous one, and `find_latest` trusts no
 pointer blindly: it checks the manifest (sizes always, hashes on request) and
@@ -138,7 +138,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def checkpoint_step(path: str | Path) -> int:
     match = _STEP_DIR.match(Path(path).name)
     if not match:
-        raise ValueError(f"{path} is not a step_XXXXXX checkpoint directory")
+        raise ValueError(f"{path} is not a step_NNNNNN checkpoint directory")
     return int(match.group(1))
 
 
