@@ -168,7 +168,9 @@ def refresh_tied_followers(model: torch.nn.Module) -> None:
             continue
         if not type(method).__name__.startswith("Unquantized"):
             raise RuntimeError(f"tied module {type(module).__name__} with {type(method).__name__}: refresh unsupported")
+        dropped = drop_derived_state(module)
         method.process_weights_after_loading(module)
+        _check_rebuilt(module, dropped)
 
 
 # ------------------------------------------------- rlsync's reload backend
@@ -246,19 +248,47 @@ def is_deferred_attention_layer(layer: torch.nn.Module) -> bool:
     return is_deferred(layer)
 
 
+DERIVED_STATE_ATTRS = ("cpu_linear",)
+"""Layer attributes that processing derives from the weights and rebuilds every time it runs.
+
+vLLM 0.32's CPU `dispatch_cpu_unquantized_gemm` (unquantized linears, embeddings,
+LM heads) sets `layer.cpu_linear`, a closure holding a oneDNN / sgl / zentorch
+handle with its own copy of the weight (64 MiB for a 32768 x 1024 bf16 LM head).
+"""
+
+
+def drop_derived_state(layer: torch.nn.Module) -> list[str]:
+    """Delete the derived state processing is about to rebuild; the names deleted.
+
+    Processing builds the new handle while the layer still refers to the old
+    one unless it is dropped first: two weight copies alive at once.
+    """
+    return [attr for attr in DERIVED_STATE_ATTRS if layer.__dict__.pop(attr, None) is not None]
+
+
+def _check_rebuilt(layer: torch.nn.Module, dropped: list[str]) -> None:
+    missing = [attr for attr in dropped if attr not in layer.__dict__]
+    if missing:
+        raise RuntimeError(f"{type(layer).__name__}: processing did not rebuild {missing} after a reload")
+
+
 def process_layer(layer: torch.nn.Module) -> None:
     """Run the layer's `process_weights_after_loading` again, as vLLM's loader does.
 
     Online quantization methods skip processing once a layer carries
     `_already_called_process_weights_after_loading`, so the flag is cleared
-    first. Processing may create fresh parameters stamped with the global TP
+    first. Derived state (`DERIVED_STATE_ATTRS`) is dropped first so the old
+    and the new handle never coexist; processing that fails to rebuild it
+    raises. Processing may create fresh parameters stamped with the global TP
     rank; `update_param_tp_status` re-reconciles them like vLLM's loader does.
     """
     layer.__dict__.pop("_already_called_process_weights_after_loading", None)
     method = getattr(layer, "quant_method", None)
     if method is None:
         return
+    dropped = drop_derived_state(layer)
     method.process_weights_after_loading(layer)
+    _check_rebuilt(layer, dropped)
     if hasattr(layer, "update_param_tp_status"):
         layer.update_param_tp_status()
 

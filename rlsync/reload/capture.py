@@ -11,9 +11,11 @@ elements it receives. It keeps no tensor storage at all: a spec rebuilds the
 tensor on the meta device or materializes it on demand.
 
 `record_kernel_format(model)` records, per layer, the tensors processing left
-(names, shapes, dtypes). The difference to the load format is what processing
-creates (`weight_scale`, ...), which a reload deletes before loading and
-recreates by processing again. The first reload records it if nobody did.
+(names, shapes, strides, dtypes, classes). The difference to the load format
+is what processing creates (`weight_scale`, ...), which a reload deletes
+before loading and recreates by processing again; a layer with no difference
+at all `passes_through` and is reloaded in place. The first reload records it
+if nobody did.
 
 Captures live in a weak dictionary keyed by the model; attributes that are
 methods bound to the layer (vLLM's `weight_loader`s) are stored unbound, so the
@@ -113,8 +115,22 @@ class KernelSpec:
     """A tensor as processing left it: what every reload must reproduce."""
 
     shape: tuple[int, ...]
+    stride: tuple[int, ...]
     dtype: torch.dtype
+    cls: type
     is_buffer: bool
+
+    @staticmethod
+    def of(tensor: torch.Tensor, *, is_buffer: bool) -> KernelSpec:
+        return KernelSpec(
+            shape=tuple(tensor.shape), stride=tuple(tensor.stride()), dtype=tensor.dtype, cls=type(tensor),
+            is_buffer=is_buffer,
+        )
+
+    def matches(self, spec: TensorSpec) -> bool:
+        """This kernel tensor has exactly the load format `spec` (so loaders can write it in place)."""
+        return (self.shape, self.stride, self.dtype, self.cls, self.is_buffer) == (
+            spec.shape, spec.stride, spec.dtype, spec.cls, spec.is_buffer)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -146,6 +162,22 @@ class LayerCapture:
         if self.kernel is None:
             raise ValueError(f"{self.name}: kernel format not recorded yet")
         return set(self.kernel) - set(self.params) - set(self.buffers)
+
+    @property
+    def passes_through(self) -> bool:
+        """Processing leaves every parameter in its load format (embeddings, LM heads, norms; on GPU
+        unquantized linears): same names, shapes, strides, dtypes and tensor classes, nothing created.
+
+        Such a layer is reloaded in place: its loaders write straight into the kernel tensors.
+        """
+        if self.kernel is None:
+            raise ValueError(f"{self.name}: kernel format not recorded yet")
+        kernel_params = {n: k for n, k in self.kernel.items() if not k.is_buffer}
+        return (
+            not self.created_by_processing
+            and kernel_params.keys() == self.params.keys()
+            and all(kernel_params[n].matches(spec) for n, spec in self.params.items())
+        )
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -202,6 +234,6 @@ def record_kernel_format(model: nn.Module) -> None:
     for name, layer in model.named_modules():
         if name not in result.layers:
             continue
-        kernel = {n: KernelSpec(shape=tuple(p.shape), dtype=p.dtype, is_buffer=False) for n, p in layer._parameters.items() if p is not None}
-        kernel.update({n: KernelSpec(shape=tuple(b.shape), dtype=b.dtype, is_buffer=True) for n, b in layer._buffers.items() if b is not None})
+        kernel = {n: KernelSpec.of(p, is_buffer=False) for n, p in layer._parameters.items() if p is not None}
+        kernel.update({n: KernelSpec.of(b, is_buffer=True) for n, b in layer._buffers.items() if b is not None})
         result.layers[name].kernel = kernel

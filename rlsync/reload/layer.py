@@ -8,6 +8,13 @@ load-format element count it is processed, the results are copied into the
 kernel tensors' storage, the kernel tensors go back on the layer and the
 load-format temporaries are dropped.
 
+`InPlaceLayer` handles a layer that passes through processing (load format
+== kernel format: embeddings, LM heads, norms): nothing is swapped or
+materialized; the original loaders write straight into the kernel tensors
+(zero live load-format bytes), elements are counted the same way, and once
+complete the layer is processed again so state derived from the weights (on
+CPU the oneDNN handle) is rebuilt from the new values.
+
 `ArrivalLayer` handles a layer whose quant method quantizes on arrival
 (`rlsync_arrival = True`): it keeps its kernel tensors and only counts.
 
@@ -194,6 +201,8 @@ class SwappedLayer:
     def _copy_into(self, n: str, kernel: torch.Tensor, new: torch.Tensor | None) -> None:
         if new is None:
             raise SyncError(f"{self.name}: processing did not recreate kernel tensor {n!r}")
+        if new is kernel:
+            return  # processed in place (an `InPlaceLayer`): nothing to copy
         if new.shape != kernel.shape or new.dtype != kernel.dtype:
             raise SyncError(
                 f"{self.name}.{n}: processing produced {tuple(new.shape)}/{new.dtype} but the kernel tensor is "
@@ -235,6 +244,33 @@ class SwappedLayer:
         """Put the (old) kernel tensors back, whatever state the layer is in; drop temporaries."""
         if not self.done:
             self._place_kernel_tensors()
+
+
+class InPlaceLayer(SwappedLayer):
+    """A layer whose load format is its kernel format, loaded straight into its kernel tensors.
+
+    Same counting, loaded-twice guards and finish as `SwappedLayer`; the
+    difference is that the kernel tensors never leave the layer: their
+    `weight_loader`s are patched (restored at commit/abort) and the tensor a
+    loader writes is the kernel tensor itself, so no load-format copy is ever
+    alive. If processing replaces a parameter anyway, `finish` copies the new
+    tensor into the kernel storage and puts the kernel tensor back, as for a
+    swapped layer.
+    """
+
+    def swap_out(self) -> None:
+        """Nothing leaves the layer; its kernel tensors' loaders are wrapped to count."""
+        for n in self.spec.params:
+            self.loaders[n] = self._make_loader(n)
+            self.patches.set(self.kernel_params[n], self.loaders[n])
+
+    def _materialize(self, pname: str, spec: TensorSpec) -> torch.Tensor:
+        return self.kernel_params[pname]
+
+    def restore(self) -> None:
+        """Kernel tensors never left; contents after an abort are undefined (the engine stays FAILED)."""
+        if not self.done:
+            self._place_kernel_tensors()  # in case processing failed half-way after replacing a tensor
 
 
 class ArrivalLayer:

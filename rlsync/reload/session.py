@@ -10,6 +10,8 @@ every layer back on its kernel tensors.
 Which layers take part:
 - a module with captured parameters is swapped (`SwappedLayer`), unless
 - its quant method sets `rlsync_arrival = True` (`ArrivalLayer`: counted only),
+- it passes through processing (kernel format == load format; `InPlaceLayer`:
+  loaded straight into its kernel tensors, no load-format copy),
 - it is a tied follower (an LM head sharing the embedding): it keeps the shared
   kernel tensor, which the owner's reload updates, and is re-processed at commit,
 - it is a deferred attention layer: these hold no checkpoint parameters in the
@@ -27,7 +29,7 @@ from rlsync.engine import vllm_adapter
 from rlsync.engine.backends import ReloadBackend
 from rlsync.errors import ConfigError, SyncError
 from rlsync.reload.capture import KernelSpec, ModelCapture, get_capture, record_kernel_format
-from rlsync.reload.layer import ArrivalLayer, LiveBytes, LoaderPatches, SwappedLayer
+from rlsync.reload.layer import ArrivalLayer, InPlaceLayer, LiveBytes, LoaderPatches, SwappedLayer
 from rlsync.reload.support import check_supported
 from rlsync.source.base import Group
 
@@ -50,6 +52,7 @@ class Reload(ReloadBackend):
         check_supported(quantization)
         self.live = LiveBytes()
         self.layers: list[SwappedLayer | ArrivalLayer] = []
+        """One per layer taking part (an `InPlaceLayer` is a `SwappedLayer`)."""
         self.patches = LoaderPatches()
         self.loaded_names: set[str] = set()
         """Engine parameter names `model.load_weights` reported in this session."""
@@ -62,11 +65,16 @@ class Reload(ReloadBackend):
         return self.live.live
 
     def layer_load_bytes(self) -> dict[str, int]:
-        """Load-format bytes of each layer this backend materializes during a reload."""
+        """Load-format bytes of each layer this backend materializes during a reload.
+
+        In-place and arrival layers materialize nothing and are not listed.
+        """
         return {name: spec.load_bytes for name, spec, kind in self._plan() if kind == "swap"}
 
     def _plan(self) -> list[tuple[str, Any, str]]:
-        """(module name, capture, "swap" | "arrival") for every layer that takes part."""
+        """(module name, capture, "swap" | "in_place" | "arrival") for every layer that takes part."""
+        if not self.open and any(spec.kernel is None for spec in self.capture.layers.values()):
+            record_kernel_format(self.model)  # first reload: the model is as processing left it
         followers = {id(m) for m in vllm_adapter.tied_followers(self.model)}
         plan = []
         for name, layer in self.model.named_modules():
@@ -78,7 +86,8 @@ class Reload(ReloadBackend):
                     f"{name}: attention layers with checkpoint parameters (e.g. KV-cache scales) are not "
                     "supported by reload_backend='rlsync'; use reload_backend='vllm'"
                 )
-            plan.append((name, spec, "arrival" if is_arrival_layer(layer) else "swap"))
+            kind = "arrival" if is_arrival_layer(layer) else "in_place" if spec.passes_through else "swap"
+            plan.append((name, spec, kind))
         return plan
 
     # ---------------------------------------------------------- session
@@ -87,8 +96,6 @@ class Reload(ReloadBackend):
             raise SyncError("a reload session is already open on this model")
         plan = self._plan()
         modules = dict(self.model.named_modules())
-        if any(spec.kernel is None for spec in self.capture.layers.values()):
-            record_kernel_format(self.model)  # first reload: the model is as processing left it
         for name, spec, _ in plan:
             _check_kernel_format(name, modules[name], spec.kernel)
         self.live = LiveBytes()
@@ -99,6 +106,8 @@ class Reload(ReloadBackend):
         for name, spec, kind in plan:
             if kind == "swap":
                 session = SwappedLayer(name, modules[name], spec, self.live, self.patches)
+            elif kind == "in_place":
+                session = InPlaceLayer(name, modules[name], spec, self.live, self.patches)
             else:
                 session = ArrivalLayer(name, modules[name], spec, self.patches)
             session.swap_out()
@@ -138,8 +147,8 @@ class Reload(ReloadBackend):
 def _check_kernel_format(name: str, layer: nn.Module, kernel: dict[str, KernelSpec] | None) -> None:
     """The layer still holds the kernel tensors processing produced at load (or the first reload)."""
     assert kernel is not None
-    current = {n: (tuple(p.shape), p.dtype) for n, p in layer._parameters.items() if p is not None}
-    recorded = {n: (k.shape, k.dtype) for n, k in kernel.items() if not k.is_buffer}
+    current = {n: (tuple(p.shape), tuple(p.stride()), p.dtype, type(p)) for n, p in layer._parameters.items() if p is not None}
+    recorded = {n: (k.shape, k.stride, k.dtype, k.cls) for n, k in kernel.items() if not k.is_buffer}
     if current != recorded:
         raise SyncError(
             f"{name}: parameters {current} differ from the kernel format recorded after load {recorded}; "

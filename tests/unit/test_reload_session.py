@@ -14,6 +14,8 @@ from tests.unit.test_reload_toys import (
     SHARDS,
     ToyArrivalQuant,
     ToyQuant,
+    ToyRewrap,
+    UnquantizedToyHandle,
     assert_bits_equal,
     build_toy,
     checkpoint_groups,
@@ -62,7 +64,8 @@ def test_reload_equals_fresh_load_bits_pointers_and_memory(order):
         assert all(p is objects[n] for n, p in model.named_parameters())
         assert session.live_bytes == 0
         layer_bytes = session.layer_load_bytes()
-        assert set(layer_bytes) == {"embed", "norm", *(f"layers.{i}.{m}" for i in range(2) for m in ("qkv", "down", "norm"))}
+        # embed and the norms pass through processing: loaded in place, never materialized
+        assert set(layer_bytes) == {f"layers.{i}.{m}" for i in range(2) for m in ("qkv", "down")}
         if order == "layer":
             assert 0 < session.peak_live_bytes <= max(layer_bytes.values())
         else:
@@ -147,6 +150,78 @@ def test_changed_kernel_format_is_refused_before_any_swap():
     assert not any(p.is_meta for p in model.parameters())
 
 
+# ------------------------------------------------------- pass-through layers
+def test_pass_through_layer_loads_in_place_and_rebuilds_its_handle_without_overlap():
+    """An embedding whose processing keeps `weight` and derives a handle (vLLM's CPU embedding/LM head):
+    no load-format copy (zero live bytes), same tensor and storage, values and handle exact, the old
+    handle freed before the new one is built, the tied head's handle rebuilt at commit."""
+    model = build_toy(embed_factory=UnquantizedToyHandle)
+    embed, head = model.embed, model.head
+    weight, ptr = embed.weight, embed.weight.data_ptr()
+    with torch.no_grad():
+        weight.fill_(float("nan"))
+    for seed in (1, 2):
+        old_handles = [embed.quant_method.handles[-1], head.quant_method.handles[-1]]
+        groups = checkpoint_groups(seed)
+        session = Reload(model)
+        session.begin()
+        assert embed.weight is weight and not weight.is_meta  # not swapped
+        session.load(groups[0])  # the embedding alone: complete, processed
+        assert session.live_bytes == 0 and session.peak_live_bytes == 0
+        assert embed.weight is weight and weight.data_ptr() == ptr
+        assert torch.equal(weight, groups[0][0][1])
+        assert all(ref() is None for ref in old_handles[:1])  # old embed handle already freed
+        for group in groups[1:]:
+            session.load(group)
+        session.commit()
+        assert all(ref() is None for ref in old_handles)
+        assert embed.quant_method.saw_old_handle == 0 and head.quant_method.saw_old_handle == 0
+        assert embed.quant_method.num_processed == head.quant_method.num_processed == 1 + seed
+        eye = torch.eye(IN)
+        for layer in (embed, head):
+            assert torch.equal(layer.cpu_linear(eye), groups[0][0][1].t())
+        assert "embed" not in session.layer_load_bytes() and head.weight is weight
+        assert 0 < session.peak_live_bytes <= max(session.layer_load_bytes().values())  # swapped layers only
+        assert_bits_equal(kernel_state(model), kernel_state(build_toy(seed=seed, embed_factory=UnquantizedToyHandle)))
+
+
+def test_pass_through_processing_that_replaces_a_tensor_is_copied_back():
+    model = build_toy(norm_factory=ToyRewrap)
+    weight, ptr = model.norm.weight, model.norm.weight.data_ptr()
+    groups = checkpoint_groups(3)
+    session = run_session(model, groups)
+    assert "norm" not in session.layer_load_bytes()
+    assert model.norm.weight is weight and weight.data_ptr() == ptr
+    assert torch.equal(weight, groups[-1][0][1])
+
+
+def test_pass_through_abort_restores_loaders_and_next_sync_recovers():
+    model = build_toy(embed_factory=UnquantizedToyHandle)
+    objects = {n: p for n, p in model.named_parameters()}
+    loaders = {n: getattr(p, "weight_loader", None) for n, p in objects.items()}
+    session = Reload(model)
+    session.begin()
+    session.load(checkpoint_groups(1)[0])
+    with pytest.raises(SyncError, match="loaded twice"):
+        session.load(checkpoint_groups(1)[0])
+    session.abort()
+    assert all(p is objects[n] for n, p in model.named_parameters())
+    assert {n: getattr(p, "weight_loader", None) for n, p in objects.items()} == loaders
+    run_session(model, checkpoint_groups(2))
+    assert_bits_equal(kernel_state(model), kernel_state(build_toy(seed=2, embed_factory=UnquantizedToyHandle)))
+    assert torch.equal(model.head.cpu_linear(torch.eye(IN)), checkpoint_groups(2)[0][0][1].t())
+
+
+def test_processing_that_does_not_rebuild_derived_state_fails():
+    model = build_toy(embed_factory=UnquantizedToyHandle)
+    model.embed.quant_method.process_weights_after_loading = lambda layer: None
+    session = Reload(model)
+    session.begin()
+    with pytest.raises(RuntimeError, match=r"did not rebuild \['cpu_linear'\]"):
+        session.load(checkpoint_groups(1)[0])
+    session.abort()
+
+
 # ------------------------------------------------------------ reload_weights
 def test_reload_weights_checkpoint_format():
     model = build_toy()
@@ -205,7 +280,8 @@ def test_arrival_layers_keep_kernel_tensors_count_and_finish():
         assert [m.num_finished for m in methods] == [seed] * len(methods)
         assert [m.num_processed for m in methods] == processed  # processing not re-run
         assert all(p is objects[n] for n, p in model.named_parameters())
-        assert set(session.layer_load_bytes()) == {"embed", "norm", "layers.0.norm", "layers.1.norm"}
+        assert session.layer_load_bytes() == {}  # arrival and in-place layers only
+        assert session.peak_live_bytes == 0
         assert_bits_equal(kernel_state(model), kernel_state(build_toy(seed=seed, quant_factory=ToyArrivalQuant)))
 
 

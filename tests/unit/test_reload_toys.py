@@ -99,14 +99,41 @@ class ToyFused(nn.Module):
         self.weight_scale.data.narrow(0, offset, self.shards[name]).copy_(scale)
 
 
-class ToyPlain(nn.Module):
-    """A norm / embedding / head: one weight, a plain loader, no processing."""
+class UnquantizedToyHandle:
+    """What vLLM's CPU `UnquantizedEmbeddingMethod` does: keep `weight`, derive `cpu_linear`, a closure
+    over a packed copy of the weight (the oneDNN handle). The name starts with "Unquantized" so a tied
+    follower is refreshed like vLLM's."""
 
-    def __init__(self, *shape):
+    def __init__(self):
+        self.num_processed = 0
+        self.saw_old_handle = 0
+        self.handles: list[weakref.ref] = []
+
+    def process_weights_after_loading(self, layer):
+        self.saw_old_handle += "cpu_linear" in layer.__dict__
+        packed = layer.weight.detach().t().contiguous()  # the handle's own copy
+        layer.cpu_linear = lambda x: x @ packed
+        self.handles.append(weakref.ref(packed))
+        self.num_processed += 1
+
+
+class ToyRewrap:
+    """Processing that re-wraps `weight` in a new Parameter of the same format (some vLLM methods do)."""
+
+    def process_weights_after_loading(self, layer):
+        layer.weight = nn.Parameter(layer.weight.data.clone(), requires_grad=False)
+
+
+class ToyPlain(nn.Module):
+    """A norm / embedding / head: one weight, a plain loader, no processing unless a method is given."""
+
+    def __init__(self, *shape, quant=None):
         super().__init__()
         weight = nn.Parameter(torch.empty(*shape), requires_grad=False)
         weight.weight_loader = copy_loader
         self.weight = weight
+        if quant is not None:
+            self.quant_method = quant
 
 
 class ToyBlock(nn.Module):
@@ -122,12 +149,13 @@ class ToyModel(nn.Module):
 
     packed = {"qkv": ["q", "k", "v"]}
 
-    def __init__(self, quant_factory=ToyQuant, num_layers=2):
+    def __init__(self, quant_factory=ToyQuant, num_layers=2, embed_factory=None, norm_factory=None):
         super().__init__()
-        self.embed = ToyPlain(8, IN)
+        new = lambda factory: None if factory is None else factory()  # noqa: E731
+        self.embed = ToyPlain(8, IN, quant=new(embed_factory))
         self.layers = nn.ModuleList(ToyBlock(quant_factory) for _ in range(num_layers))
-        self.norm = ToyPlain(IN)
-        self.head = ToyPlain(8, IN)
+        self.norm = ToyPlain(IN, quant=new(norm_factory))
+        self.head = ToyPlain(8, IN, quant=new(embed_factory))
 
     def tie(self):
         self.head.weight = self.embed.weight
@@ -167,9 +195,11 @@ def checkpoint_groups(seed=0, num_layers=2):
     return groups
 
 
-def build_toy(seed=0, quant_factory=ToyQuant):
-    """Construct, capture (before processing), tie, load and process: what vLLM does at startup."""
-    model = ToyModel(quant_factory)
+def build_toy(seed=0, quant_factory=ToyQuant, **factories):
+    """Construct, capture (before processing), tie, load and process: what vLLM does at startup.
+
+    `embed_factory` / `norm_factory` give the embedding + head / final norm a quant method."""
+    model = ToyModel(quant_factory, **factories)
     capture(model)
     model.tie()
     model.load_weights([t for g in checkpoint_groups(seed) for t in g])
