@@ -15,7 +15,8 @@ The design:
    layer's load format: shape, stride, dtype, tensor class, attributes
    (`weight_loader`, `output_dim`, `input_dim`, `packed_dim`, ...), as specs
    holding no memory. The first reload records the kernel format processing
-   produced, hence which tensors processing creates (a reload deletes them).
+   produced, hence which tensors processing creates (a reload deletes them)
+   and which layers pass through processing unchanged.
 2. A `Reload` session (`session.py`, `layer.py`): `begin()` swaps each layer
    back to load format on the meta device, keeping references to its kernel
    tensors; `load(group)` runs vLLM's `model.load_weights` (its name mapping,
@@ -23,7 +24,16 @@ The design:
    load-format tensor a shard targets and write it; the moment a layer has
    received all its load-format elements it is processed, the results are
    copied into the original kernel tensors, the kernel tensors go back on the
-   layer and the temporaries are freed. `commit()` fails unless every layer
+   layer and the temporaries are freed. Pass-through layers (every kernel
+   tensor has exactly its load format: same names, shapes, strides, dtypes,
+   tensor classes, nothing created by processing; embeddings, LM heads,
+   norms, and on GPU unquantized linears) are not swapped: their loaders
+   write straight into the kernel tensors, elements are counted the same way,
+   and the complete layer is processed again in place (a no-op for layers
+   without a quant method). Before any re-processing, state that processing
+   derives from the weights and rebuilds (`vllm_adapter.DERIVED_STATE_ATTRS`:
+   on CPU the `cpu_linear` oneDNN handle, a full copy of the weight) is
+   dropped, so the old and the new handle never coexist. `commit()` fails unless every layer
    was complete (nothing missing, nothing loaded twice: a second write raises
    at once), restores loaders and re-derives tied followers. `abort()` puts
    every layer back on its (old) kernel tensors; the engine stays FAILED.
@@ -42,8 +52,14 @@ graph) hold raw data pointers. Writing into the same storage keeps every
 Memory: `Reload.peak_live_bytes` counts the load-format bytes alive at once.
 Fed in layer order, at most the layers still waiting for shards are
 materialized; with checkpoint-ordered tensors that is one layer.
-`Reload.layer_load_bytes()` gives each layer's load-format size for that bound.
-Out of order, layers stay materialized until complete (the peak is reported).
+`Reload.layer_load_bytes()` gives each swapped layer's load-format size for
+that bound. Pass-through and arrival layers materialize nothing: their live
+bytes are 0 and they are not listed (a model whose every layer is one of
+those, e.g. with the FP8 plugin, reports a peak of 0). Out of order, layers
+stay materialized until complete (the peak is reported). Beyond the counted
+bytes, re-processing a swapped layer builds its new kernel state (on CPU a
+oneDNN handle the size of the layer's weights) after the old one is dropped,
+so it replaces rather than adds to it.
 
 Quantize-on-arrival protocol (the FP8 plugin implements the other side):
 a layer whose `quant_method` class sets `rlsync_arrival = True` is not
@@ -66,7 +82,7 @@ Limitations:
    fills completes only if the creator declares `weight_loader_numel` (vLLM's
    convention); otherwise commit reports it as not fully loaded (fail closed).
 3. Processing must reproduce the kernel format recorded at load (names, shapes,
-   dtypes); a method whose output shape depends on the values is refused.
+   strides, dtypes, tensor classes); a method whose output shape depends on the values is refused.
 4. Quantization configs outside `ONLINE_RELOAD_QUANT_CONFIGS` are refused, as
    are attention layers with checkpoint parameters (KV-cache scales). Use the
    `vllm` backend for those.
@@ -74,9 +90,15 @@ Limitations:
    not checkpoint data in the supported models and are left as they are.
 6. On CPU, unquantized linear weights live in oneDNN handles that processing
    rebuilds, so for those layers "same storage" holds for the (empty) tensor
-   only; kernel-format reloads cannot update them at all.
+   only; kernel-format reloads cannot update them at all. Derived state other
+   than `DERIVED_STATE_ATTRS` is not dropped early: a method that keeps
+   another weight copy outside its parameters briefly holds old and new.
 7. In-process (colocated) engines only (the capture hook patches vLLM in this
    process); tested with tensor parallel size 1 only.
+8. After an abort, pass-through layers (like arrival layers) hold partly new
+   weights in their kernel tensors, and a layer aborted mid-processing may
+   have lost its derived state; the engine stays FAILED until a full sync,
+   which rebuilds both.
 """
 
 from rlsync.reload.api import copy_kernel_format, reload_weights
