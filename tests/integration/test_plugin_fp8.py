@@ -37,9 +37,8 @@ from rlsync.quant import reference as ref
 from rlsync.quant.fp8_linear import Fp8Config, quantize_full
 from rlsync.quant.plugin import hf_overrides
 from rlsync.source import ModuleSource
-from rlsync.source.base import WeightSource
 from tests.conftest import perturb
-from tests.integration.conftest import make_engine
+from tests.integration.conftest import ShuffledSource, make_engine
 
 SCHEMES = ["tensor", "channel", "block"]
 SQNR_FLOOR_DB = 28.0
@@ -47,24 +46,6 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SEQS = [random.Random(s).choices(range(4, 64), k=24) for s in range(4)]
 
 
-class ShuffledSource(WeightSource):
-    """The trainer's tensors in a seeded random order, in random group sizes (layers split apart)."""
-
-    def __init__(self, model, seed):
-        super().__init__()
-        self.inner, self.seed = ModuleSource(model), seed
-
-    def metadata(self):
-        return self.inner.metadata()
-
-    def groups(self):
-        flat = [t for g in self.inner.groups() for t in g]
-        rng = random.Random(self.seed)
-        rng.shuffle(flat)
-        while flat:
-            k = rng.randint(1, 4)
-            yield flat[:k]
-            flat = flat[k:]
 
 
 @pytest.fixture(scope="module")
