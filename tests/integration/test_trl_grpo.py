@@ -7,7 +7,6 @@ quantization of the trainer's weights at that step.
 
 import copy
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -26,20 +25,7 @@ SMALL = [  # 2 prompts x 4 completions of 8 tokens per step: seconds per step on
     "trl.per_device_train_batch_size=8", "trl.num_generations=4", "trl.max_completion_length=8",
     "trl.num_prompts=32", "trl.learning_rate=0.001", "rlsync.verify_every=1",
 ]
-_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HF_HUB_OFFLINE")
-
-
-@pytest.fixture(autouse=True)
-def _offline_and_restore_env():
-    """No hub access; undo the rank variables trl's colocate setup exports, for the tests after these."""
-    saved = {k: os.environ.get(k) for k in _ENV}
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+from tests.integration.trl_support import offline_and_restore_env, tiny_trainer  # noqa: F401 (autouse fixture)
 
 
 def _num_layer_groups(names):
@@ -152,27 +138,12 @@ def test_grpo_recipe_fp8_verified_every_step(tmp_path, monkeypatch):
 
 def test_grpo_lora_merged_per_group_base_untouched(tiny_path, tmp_path):
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
 
-    from recipes.trl_grpo import vowel_reward
     from rlsync.integrations.trl import RLSyncCallback
 
-    datasets = pytest.importorskip("datasets")
     callback = RLSyncCallback(quantization="fp8_per_channel", verify_every=1)
-    trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
-        reward_funcs=vowel_reward,
-        args=GRPOConfig(
-            output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate", use_cpu=True, bf16=False,
-            per_device_train_batch_size=8, num_generations=4, max_completion_length=8, max_steps=2,
-            learning_rate=0.01, logging_steps=1, report_to=[], save_strategy="no", vllm_max_model_length=64,
-        ),
-        train_dataset=datasets.Dataset.from_dict({"prompt": ["bcdfgh:", "jklmnp:", "qrstvw:", "xzbcdf:"] * 4}),
-        processing_class=AutoTokenizer.from_pretrained(tiny_path),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-        callbacks=[callback],
-    )
+    trainer = tiny_trainer("grpo", tiny_path, tmp_path, callback, learning_rate=0.01,
+                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     trainer.train()
     peft_model, engine = trainer.model, callback.engine
     assert [(r.step, r.verified) for r in callback.reports] == [(0, True), (1, True)]

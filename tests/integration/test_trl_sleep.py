@@ -11,26 +11,13 @@ the memory release itself needs a GPU build of vLLM and is not exercised here.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
 from rlsync.engine import VLLMEngine
 
-_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HF_HUB_OFFLINE")
-
-
-@pytest.fixture(autouse=True)
-def _offline_and_restore_env():
-    saved = {k: os.environ.get(k) for k in _ENV}
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+from tests.integration.trl_support import offline_and_restore_env, tiny_trainer  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture
@@ -75,27 +62,10 @@ def cpu_sleep_events(monkeypatch):
 
 
 def test_sleep_mode_order_and_weights_after_each_wake(tiny_path, tmp_path, cpu_sleep_events):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
-
-    from recipes.trl_grpo import vowel_reward
     from rlsync.integrations.trl import RLSyncCallback
 
-    datasets = pytest.importorskip("datasets")
     callback = RLSyncCallback(quantization="rlsync_fp8", fp8_scheme="block", reload_backend="rlsync", verify_every=1)
-    trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
-        reward_funcs=vowel_reward,
-        args=GRPOConfig(
-            output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True,
-            use_cpu=True, bf16=False, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-            max_steps=3, learning_rate=0.001, logging_steps=1, report_to=[], save_strategy="no",
-            vllm_max_model_length=64,
-        ),
-        train_dataset=datasets.Dataset.from_dict({"prompt": ["bcdfgh:", "jklmnp:", "qrstvw:", "xzbcdf:"] * 4}),
-        processing_class=AutoTokenizer.from_pretrained(tiny_path),
-        callbacks=[callback],
-    )
+    trainer = tiny_trainer("grpo", tiny_path, tmp_path, callback, max_steps=3, vllm_enable_sleep_mode=True)
     assert cpu_sleep_events == ["sleep2"]  # built, then asleep while the trainer starts
     trainer.train()
 
