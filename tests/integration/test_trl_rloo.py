@@ -2,7 +2,6 @@
 
 import math
 
-
 from tests.integration.trl_support import offline_and_restore_env, tiny_trainer  # noqa: F401 (autouse fixture)
 
 
