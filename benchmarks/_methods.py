@@ -152,29 +152,29 @@ class Bench:
     _rlsync_vllm = _rlsync
 
     def _trl(self) -> dict[str, Any]:
-        from rlsync.engine import vllm_adapter
+        from rlsync.adapters import vllm_engine, vllm_load
 
         model = self.engine.model
         for name, param in self.weights:  # trl/generation/vllm_generation.py, sync_weights, colocate
-            vllm_adapter.load_weights(model, [(name, param)])
+            vllm_engine.load_weights(model, [(name, param)])
         self.engine.llm.reset_prefix_cache()
         return {}
 
     def _trl_layerwise(self) -> dict[str, Any]:
-        from rlsync.engine import vllm_adapter
+        from rlsync.adapters import vllm_engine, vllm_load
 
         model = self.engine.model
-        vllm_adapter.layerwise_begin(model)
+        vllm_load.layerwise_begin(model)
         for name, param in self.weights:
-            vllm_adapter.load_weights(model, [(name, param)])
-        vllm_adapter.layerwise_finish(model, vllm_adapter.model_config(self.engine.llm))
+            vllm_engine.load_weights(model, [(name, param)])
+        vllm_load.layerwise_finish(model, vllm_engine.model_config(self.engine.llm))
         self.engine.llm.reset_prefix_cache()
         return {}
 
     def _native(self, weights: list[tuple[str, torch.Tensor]] | None = None) -> dict[str, Any]:
-        from rlsync.engine import vllm_adapter
+        from rlsync.adapters import vllm_engine, vllm_load
 
-        vllm_adapter.native_reload_weights(self.engine.llm, iter(weights if weights is not None else self.weights))
+        vllm_engine.native_reload_weights(self.engine.llm, iter(weights if weights is not None else self.weights))
         return {}
 
     def _native_shuffled(self) -> dict[str, Any]:
@@ -204,7 +204,7 @@ class Bench:
         return {"save_s": save_s}
 
     def _scratch(self) -> Path:
-        from rlsync.testing import cache_dir
+        from rlsync.default_model import cache_dir
 
         path = cache_dir() / "bench-scratch"  # on disk, not tmpfs: a checkpoint write is part of the cost
         path.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ class Bench:
     # ---------------------------------------------------------------- extras
     def native_live_bytes(self) -> int:
         """Most bytes vLLM's layerwise reload buffered during one native reload (untimed pass)."""
-        from rlsync.engine import vllm_adapter
+        from rlsync.adapters import vllm_engine, vllm_load
 
         model, peak = self.engine.model, 0
         order = self.shuffled() if self.method == "native-shuffled" else self.weights
@@ -222,9 +222,9 @@ class Bench:
             nonlocal peak
             for item in order:
                 yield item
-                peak = max(peak, vllm_adapter.layerwise_live_bytes(model))
+                peak = max(peak, vllm_load.layerwise_live_bytes(model))
 
-        vllm_adapter.native_reload_weights(self.engine.llm, watched())
+        vllm_engine.native_reload_weights(self.engine.llm, watched())
         return peak
 
     def verify(self) -> int:

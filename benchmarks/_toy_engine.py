@@ -17,7 +17,7 @@ It is not a model that runs: no forward pass, only parameters and loaders.
 
 Limitations:
 1. No attention layers, rotary buffers or tied heads (the shape here is
-   untied, like `rlsync.testing.BENCH_SPEC`).
+   untied, like `rlsync.default_model.BENCH_SPEC`).
 2. Tensor parallel size 1.
 """
 
@@ -52,7 +52,7 @@ class ToyShape:
 
 
 SHAPES = {
-    "bench": ToyShape(),  # rlsync.testing.BENCH_SPEC
+    "bench": ToyShape(),  # rlsync.default_model.BENCH_SPEC
     "1.5b": ToyShape(hidden=1536, intermediate=8960, num_layers=28, num_heads=12, num_kv_heads=2, vocab=151936),
     "tiny": ToyShape(hidden=256, intermediate=512, num_layers=2, num_heads=4, num_kv_heads=2, vocab=128),
 }

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from rlsync.testing import BENCH_SPEC, tiny_model_path
+    from rlsync.default_model import BENCH_SPEC, tiny_model_path
 
     path = str(tiny_model_path(BENCH_SPEC if args.model == "bench" else None))
     engine = build_engine(path)

@@ -60,7 +60,7 @@ class SyncBenchConfig:
     """What one benchmark run measures."""
 
     models: tuple[str, ...] = MODELS
-    """`tiny` (rlsync.testing default) and/or `bench` (rlsync.testing.BENCH_SPEC, ~180M parameters)."""
+    """`tiny` (rlsync.default_model default) and/or `bench` (rlsync.default_model.BENCH_SPEC, ~180M parameters)."""
     quants: tuple[str, ...] = ()
     """`bf16`, `fp8_per_channel`, `rlsync_fp8/<scheme>`; empty = every one available here."""
     methods: tuple[str, ...] = ()
@@ -105,7 +105,7 @@ def methods_for(quant: str, cfg: SyncBenchConfig) -> tuple[str, ...]:
 
 
 def model_path(name: str) -> str:
-    from rlsync.testing import BENCH_SPEC, tiny_model_path
+    from rlsync.default_model import BENCH_SPEC, tiny_model_path
 
     return str(tiny_model_path(BENCH_SPEC if name == "bench" else None))
 

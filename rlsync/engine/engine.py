@@ -21,18 +21,18 @@ import dataclasses
 import enum
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from rlsync.engine import vllm_adapter
-from rlsync.engine.backends import ReloadBackend, make_backend
+from rlsync.adapters import vllm_engine, vllm_load
 from rlsync.engine.checkpoint import checkpoint_shapes
+from rlsync.engine.config import EngineConfig
 from rlsync.engine.report import SyncReport
 from rlsync.engine.verify import verify_groups
 from rlsync.errors import ConfigError, EngineNotReady, SyncError
+from rlsync.reload import ReloadBackend, Weights, capture, get_capture, make_backend
 from rlsync.source import WeightSource, source_for
-from rlsync.source.base import Group
 
 
 class EngineState(enum.Enum):
@@ -44,38 +44,6 @@ class EngineState(enum.Enum):
     """The last sync broke off; the weights may be mixed."""
     DISCARDED = "discarded"
     """`sleep(level=2)` dropped the weights; a full sync must come before sampling."""
-
-
-@dataclasses.dataclass(kw_only=True, slots=True)
-class EngineConfig:
-    """How to build the colocated vLLM engine."""
-
-    model: str = ""
-    """Checkpoint directory (Hugging Face layout, safetensors)."""
-    quantization: str | None = None
-    """None (bf16), `fp8_per_channel` (vLLM online FP8) or `rlsync_fp8` (rlsync's plugin)."""
-    reload_backend: str = "rlsync"
-    """`rlsync` (capture/restore, quantize on arrival) or `vllm` (vLLM's layerwise reload)."""
-    dtype: str = "bfloat16"
-    """Engine compute dtype."""
-    max_model_len: int = 512
-    """Longest prompt + completion."""
-    seed: int = 0
-    """Sampling seed."""
-    enforce_eager: bool = True
-    """No graph capture (CPU); on GPU graphs stay valid since syncs keep data pointers."""
-    gpu_memory_utilization: float = 0.3
-    """Fraction of device memory for vLLM (GPU only)."""
-    enable_sleep_mode: bool = False
-    """Let the engine release memory between rollouts (`sleep` / `wake_up`)."""
-    fp8_scheme: Literal["tensor", "channel", "block"] | None = None
-    """With `quantization: rlsync_fp8`: FP8 scale granularity (null = channel)."""
-    fp8_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """With `quantization: rlsync_fp8`: other plugin keys, e.g. `block: [128, 128]`, `kernel: emulated`."""
-    reject_nonfinite: bool = False
-    """Fail a sync that receives NaN or Inf (costs one pass over each tensor)."""
-    llm_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Extra keyword arguments for `vllm.LLM`."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -94,69 +62,39 @@ class PromptResult:
     completions: list[Completion]
 
 
-def fp8_hf_overrides(cfg: EngineConfig) -> dict[str, Any] | None:
-    """The plugin's `hf_overrides` for `fp8_scheme` / `fp8_options`, or None when unset.
-
-    The scheme travels in the model's `quantization_config`, so vLLM worker
-    processes see it too. Setting both these keys and a `quantization_config`
-    in `llm_kwargs.hf_overrides` is ambiguous and refused.
-    """
-    if cfg.fp8_scheme is None and not cfg.fp8_options:
-        return None
-    from rlsync.quant.plugin import NAME, hf_overrides
-
-    if cfg.quantization != NAME:
-        raise ConfigError(f"engine.fp8_scheme / engine.fp8_options apply to quantization={NAME!r} only "
-                          f"(quantization is {cfg.quantization!r})")
-    if "quantization_config" in cfg.llm_kwargs.get("hf_overrides", {}):
-        raise ConfigError("engine.fp8_scheme: also set in engine.llm_kwargs.hf_overrides.quantization_config; keep one")
-    try:
-        return hf_overrides(cfg.fp8_scheme or "channel", **cfg.fp8_options)
-    except (ConfigError, TypeError) as exc:
-        raise ConfigError(f"engine.fp8_options: {exc}") from exc
-
-
 class VLLMEngine:
     """A colocated vLLM engine with fail-closed weight sync."""
 
-    def __init__(self, model: str, **kwargs: Any) -> None:
-        self.config = EngineConfig(model=str(model), **kwargs)
-        cfg = self.config
-        llm_kwargs = {
-            "quantization": cfg.quantization,
-            "dtype": cfg.dtype,
-            "max_model_len": cfg.max_model_len,
-            "seed": cfg.seed,
-            "enforce_eager": cfg.enforce_eager,
-            "gpu_memory_utilization": cfg.gpu_memory_utilization,
-            "enable_sleep_mode": cfg.enable_sleep_mode,
-            # log-probs of the distribution actually sampled (after temperature),
-            # which is what the trainer's importance weights compare against
-            "logprobs_mode": "processed_logprobs",
-            **cfg.llm_kwargs,
-        }
-        scheme = fp8_hf_overrides(cfg)
-        if scheme is not None:
-            llm_kwargs["hf_overrides"] = {**llm_kwargs.get("hf_overrides", {}), **scheme}
-        from rlsync.reload import capture, get_capture  # here: rlsync.reload imports this package
+    def __init__(self, config: EngineConfig | str, /, **overrides: Any) -> None:
+        """Build from an `EngineConfig`, or from a checkpoint path plus `EngineConfig` keys.
 
+        `VLLMEngine(EngineConfig(model=path, ...))` and `VLLMEngine(path, quantization=...)`
+        are the same engine; the config is checked (`EngineConfig.check`) before vLLM starts.
+        """
+        if isinstance(config, EngineConfig):
+            if overrides:
+                raise ConfigError(f"VLLMEngine: pass an EngineConfig or keyword arguments, not both ({sorted(overrides)})")
+        else:
+            config = EngineConfig(model=str(config), **overrides)
+        self.config = cfg = config
+        llm_kwargs = cfg.vllm_kwargs()
         # Capture the load format as vLLM builds the model, whichever backend runs
         # now: the rlsync backend needs it and a caller may switch backends later.
-        with vllm_adapter.capture_at_load(capture):
-            self.llm = vllm_adapter.build_llm(cfg.model, **llm_kwargs)
-        self.model = vllm_adapter.driver_model(self.llm)
+        with vllm_load.capture_at_load(capture):
+            self.llm = vllm_engine.build_llm(cfg.model, **llm_kwargs)
+        self.model = vllm_engine.driver_model(self.llm)
         get_capture(self.model)  # fails loudly if vLLM stopped calling the capture hook
-        self.packed = vllm_adapter.packed_modules_mapping(self.model)
+        self.packed = vllm_engine.packed_modules_mapping(self.model)
         self.checkpoint_shapes = checkpoint_shapes(cfg.model)
-        self.backend: ReloadBackend = make_backend(cfg.reload_backend, self.model, vllm_adapter.model_config(self.llm))
+        self.backend: ReloadBackend = make_backend(cfg.reload_backend, self.model, vllm_engine.model_config(self.llm))
         self.state = EngineState.READY
         self.step = 0
         self.error: BaseException | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "VLLMEngine":
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "model"}
-        return cls(config.model, **fields)
+        """The engine `config` describes (same as `VLLMEngine(config)`)."""
+        return cls(config)
 
     @property
     def tokenizer(self):
@@ -197,7 +135,7 @@ class VLLMEngine:
                 raise SyncError(f"sync incomplete: {len(missing)} checkpoint tensors never arrived, e.g. {missing[:3]}")
             self.backend.commit()
             # KV blocks cached for a prompt prefix were computed with the old weights
-            vllm_adapter.reset_prefix_cache(self.llm)
+            vllm_engine.reset_prefix_cache(self.llm)
         except BaseException as exc:
             self._fail(exc)
             if isinstance(exc, SyncError):
@@ -224,7 +162,7 @@ class VLLMEngine:
         self.state, self.step, self.error = EngineState.READY, step, None
         return report
 
-    def _check_group(self, group: Group, received: set[str]) -> None:
+    def _check_group(self, group: Weights, received: set[str]) -> None:
         for name, tensor in group:
             want = self.checkpoint_shapes.get(name)
             if want is None:
@@ -270,13 +208,11 @@ class VLLMEngine:
         random stream), or one int per prompt (independent, reproducible streams).
         """
         self._require_ready()
-        from vllm import SamplingParams
-
         seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
         params = [
-            SamplingParams(
+            vllm_engine.sampling_params(
                 n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                 seed=s, logprobs=0, stop_token_ids=list(stop_token_ids or []),
             )
@@ -296,9 +232,7 @@ class VLLMEngine:
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Log-prob of each token given its prefix (positions 1..L-1), per sequence."""
         self._require_ready()
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        params = vllm_engine.sampling_params(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outputs = self.llm.generate(_as_inputs(sequences), params, use_tqdm=False)
         scores = []
         for seq, out in zip(sequences, outputs):
@@ -314,13 +248,13 @@ class VLLMEngine:
         level 2 drops both, so the engine refuses to sample until a full sync.
         Wake up with `wake_up(["weights"])`, sync, then `wake_up(["kv_cache"])`.
         """
-        vllm_adapter.sleep(self.llm, level)
+        vllm_engine.sleep(self.llm, level)
         if level >= 2 and self.state is EngineState.READY:
             self.state = EngineState.DISCARDED
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-acquire memory; wake `["weights"]` before a sync, `["kv_cache"]` after."""
-        vllm_adapter.wake_up(self.llm, tags)
+        vllm_engine.wake_up(self.llm, tags)
 
     def named_kernel_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The engine's parameters as the kernels use them (for tests and verify)."""

@@ -7,8 +7,9 @@ the cast to the engine dtype; FP8 tensors are the reference quantization
 (`rlsync.quant.reference`) of the bf16 cast. The comparison is on raw bits, so
 NaN never passes and -0.0 differs from 0.0.
 
-How each quantized layer is derived is looked up by its quant method's class
-name in `KERNEL_EXPECTATIONS`; quantization code registers its own entry.
+How each quantized layer is derived comes from its quant method
+(`rlsync.quant.expected.kernel_reference`: the method itself, or a registry
+keyed by type); a method without a reference fails verify, naming it.
 The pass reads the source again group by group, so memory stays bounded.
 
 Limitations: 1. tensor parallel size 1 (each rank's full tensors);
@@ -18,27 +19,17 @@ Limitations: 1. tensor parallel size 1 (each rank's full tensors);
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from rlsync.engine.vllm_adapter import read_kernel_tensor
+from rlsync.adapters.vllm_layers import read_kernel_tensor
 from rlsync.errors import SyncError
-from rlsync.quant import reference
-from rlsync.source.base import Group
+from rlsync.quant.expected import kernel_reference
 
-# quant method class name -> fn(layer, weight_NK in engine dtype) -> {param name: expected tensor}
-KERNEL_EXPECTATIONS: dict[str, Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]] = {}
-
-
-def _fp8_per_channel_kernel(layer: nn.Module, weight_NK: torch.Tensor) -> dict[str, torch.Tensor]:
-    q_NK, scale_N1 = reference.fp8_per_channel(weight_NK)
-    return {"weight": q_NK.t(), "weight_scale": scale_N1}
-
-
-KERNEL_EXPECTATIONS["Fp8PtpcOnlineLinearMethod"] = _fp8_per_channel_kernel
-_UNQUANTIZED = {"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod", "NoneType"}
+Weights = Iterable[tuple[str, torch.Tensor]]
+"""One group of checkpoint-named full tensors."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -78,22 +69,23 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def expected_tensors(item: _Item, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What `item.module`'s parameters must hold, from checkpoint-named tensors."""
-    method = type(getattr(item.module, "quant_method", None)).__name__
+    try:
+        ref = kernel_reference(getattr(item.module, "quant_method", None))
+    except SyncError as exc:
+        raise type(exc)(f"verify: {exc} ({item.module_name})") from exc
     out: dict[str, torch.Tensor] = {}
     for pname, names in item.sources.items():
         current = read_kernel_tensor(item.module, pname)
         full = torch.cat([tensors[n] for n in names], dim=0) if len(names) > 1 else tensors[names[0]]
-        if pname == "weight" and method not in _UNQUANTIZED:
-            if method not in KERNEL_EXPECTATIONS:
-                raise SyncError(f"verify: no reference for quant method {method} ({item.module_name})")
+        if pname == "weight" and ref is not None:
             dtype = getattr(item.module, "orig_dtype", torch.bfloat16)
-            out.update(KERNEL_EXPECTATIONS[method](item.module, full.to(dtype)))
+            out.update(ref(item.module, full.to(dtype)))
         else:
             out[pname] = full.to(current.dtype)
     return out
 
 
-def verify_groups(model: nn.Module, packed: dict[str, list[str]], groups: Iterable[Group], received: set[str]) -> int:
+def verify_groups(model: nn.Module, packed: dict[str, list[str]], groups: Iterable[Weights], received: set[str]) -> int:
     """Compare every engine parameter with its reference; return how many were checked.
 
     A fused parameter whose shards arrive in different groups (a source with a

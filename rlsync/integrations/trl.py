@@ -36,7 +36,7 @@ rollout log-probs, so it has no such correction.)
 
 Limitations:
 1. trl >=1.16.0,<1.17.0, `vllm_mode="colocate"`, tensor parallel size 1
-   (see `trl_internals`, the only module that touches trl's internals).
+   (see `rlsync.adapters.trl`, the only module that touches trl's internals).
 2. The engine loads its initial weights from `model.name_or_path` (or
    `model_path`), which must be a local Hugging Face checkpoint directory
    with the trainer's architecture; later weights always come from the trainer.
@@ -51,9 +51,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from rlsync.engine import EngineState, SyncReport, VLLMEngine
+from rlsync.adapters import trl as trl_adapter
+from rlsync.engine import EngineConfig, EngineState, SyncReport, VLLMEngine
 from rlsync.errors import ConfigError, EngineNotReady
-from rlsync.integrations import trl_internals
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -80,18 +80,30 @@ class RLSyncConfig:
     def __post_init__(self) -> None:
         if self.verify_every < 0:
             raise ConfigError(f"verify_every must be >= 0, got {self.verify_every}")
-        if self.reload_backend not in ("vllm", "rlsync"):
-            raise ConfigError(f"reload_backend must be 'vllm' or 'rlsync', got {self.reload_backend!r}")
-        if self.fp8_scheme is not None and self.quantization != "rlsync_fp8":
-            raise ConfigError(f"fp8_scheme applies to quantization='rlsync_fp8' only, got {self.quantization!r}")
+        self.engine_config(None).check()  # the engine's rules, checked where they live
 
-    def engine_llm_kwargs(self) -> dict[str, Any]:
-        """`llm_kwargs` plus the `hf_overrides` that select the `rlsync_fp8` scheme."""
-        if self.fp8_scheme is None:
-            return dict(self.llm_kwargs)
-        from rlsync.quant.plugin import hf_overrides
-
-        return {"hf_overrides": hf_overrides(self.fp8_scheme), **self.llm_kwargs}
+    def engine_config(self, settings: trl_adapter.TrlVLLMSettings | None) -> EngineConfig:
+        """The engine trl's `settings` ask for, in this config's layout (None: placeholders, for checking)."""
+        llm_kwargs = dict(settings.llm_kwargs) if settings is not None else {}
+        trust_remote_code = bool(llm_kwargs.pop("trust_remote_code", False))
+        llm_kwargs.update(self.llm_kwargs)
+        trl_keys = {} if settings is None else {
+            "gpu_memory_utilization": settings.gpu_memory_utilization,
+            "enable_sleep_mode": settings.enable_sleep_mode,
+            "seed": settings.seed,
+            "max_model_len": settings.max_model_len,  # None as in trl: vLLM infers it from the model config
+        }
+        return EngineConfig(
+            model=self.model_path or (settings.model if settings is not None else ""),
+            quantization=self.quantization,
+            fp8_scheme=self.fp8_scheme,  # type: ignore[arg-type]
+            reload_backend=self.reload_backend,
+            reject_nonfinite=self.reject_nonfinite,
+            enforce_eager=self.enforce_eager,
+            trust_remote_code=trust_remote_code,
+            llm_kwargs=llm_kwargs,
+            **trl_keys,
+        )
 
 
 class RLSyncCallback(TrainerCallback):
@@ -103,11 +115,11 @@ class RLSyncCallback(TrainerCallback):
     """
 
     def __init__(self, config: RLSyncConfig | None = None, **kwargs: Any) -> None:
-        trl_internals.check_trl_version()
+        trl_adapter.check_trl_version()
         if config is not None and kwargs:
             raise ConfigError("pass either an RLSyncConfig or keyword arguments, not both")
         self.config = config if config is not None else RLSyncConfig(**kwargs)
-        trl_internals.install()
+        trl_adapter.install()
         self.engine: VLLMEngine | None = None
         self.reports: list[SyncReport] = []
         self._pending: list[dict[str, float]] = []
@@ -116,35 +128,19 @@ class RLSyncCallback(TrainerCallback):
 
     # ---------------------------------------------------------- trainer events
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        trl_internals.check_trainer_args(args)
+        trl_adapter.check_trainer_args(args)
         if self.engine is not None or self._claimed is not None:
             raise ConfigError("an RLSyncCallback serves one trainer; create one per trainer")
-        trl_internals.claim(model, self)
+        trl_adapter.claim(model, self)
         self._claimed, self._state = model, state
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._state = state
         self._require_engine()
 
-    # ------------------------------------------- called by trl_internals only
-    def build_engine(self, settings: trl_internals.TrlVLLMSettings) -> VLLMEngine:
-        cfg = self.config
-        llm_kwargs = dict(settings.llm_kwargs)
-        if settings.max_model_len is None:
-            llm_kwargs["max_model_len"] = None  # as trl: vLLM infers it from the model config
-        llm_kwargs.update(cfg.engine_llm_kwargs())
-        self.engine = VLLMEngine(
-            cfg.model_path or settings.model,
-            quantization=cfg.quantization,
-            reload_backend=cfg.reload_backend,
-            reject_nonfinite=cfg.reject_nonfinite,
-            enforce_eager=cfg.enforce_eager,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            enable_sleep_mode=settings.enable_sleep_mode,
-            seed=settings.seed,
-            **({"max_model_len": settings.max_model_len} if settings.max_model_len is not None else {}),
-            llm_kwargs=llm_kwargs,
-        )
+    # ------------------------------------------- called by trl_adapter only
+    def build_engine(self, settings: trl_adapter.TrlVLLMSettings) -> VLLMEngine:
+        self.engine = VLLMEngine(self.config.engine_config(settings))
         self._claimed = None
         return self.engine
 
@@ -179,7 +175,7 @@ class RLSyncCallback(TrainerCallback):
     def _require_engine(self) -> VLLMEngine:
         if self.engine is None:
             if self._claimed is not None:
-                trl_internals.unclaim(self._claimed)
+                trl_adapter.unclaim(self._claimed)
                 self._claimed = None
             raise ConfigError(
                 "RLSyncCallback's engine was never built: add the callback when constructing a trl "

@@ -42,6 +42,8 @@ from rlsync.quant import fused, reference
 from rlsync.quant.kernels import ACTIVATIONS, KERNELS
 from rlsync.quant.layout import Layout, ScaleSpec
 
+NAME = "rlsync_fp8"
+"""The plugin's `quantization=` name (and `quant_method` in its `quantization_config`)."""
 SCHEMES = ("tensor", "channel", "block")
 CHUNK_ELEMS = 4 * 1024 * 1024
 """Rows are quantized in chunks of about this many elements (bounds the fp32 temporaries)."""
@@ -84,7 +86,7 @@ class Fp8Config:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": "rlsync_fp8", "scheme": self.scheme, "block": list(self.block),
+        return {"quant_method": NAME, "scheme": self.scheme, "block": list(self.block),
                 "kernel": self.kernel, "activation": self.activation}
 
     def layout(self) -> Layout:

@@ -34,6 +34,8 @@ from fractions import Fraction
 
 import torch
 
+from rlsync.quant.reference import expand_scale
+
 FP8 = "float8_e4m3fn"
 _GRANULARITIES = ("tensor", "channel", "block")
 
@@ -156,8 +158,6 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (N, K) weight these values and scales stand for."""
-        from rlsync.quant.reference import expand_scale
-
         std = self.layout.to_standard_layout(self) if not self.layout.is_standard() else self
         spec = self.layout.scale
         full = expand_scale(std.scale.to(torch.float32), self.shape, granularity=spec.granularity,

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlsync.quant.fp8_linear import Fp8Config
+from rlsync.quant.fp8_linear import NAME, Fp8Config
 
-NAME = "rlsync_fp8"
+__all__ = ["NAME", "hf_overrides", "register"]
 
 
 def register() -> None:
     """Make `quantization="rlsync_fp8"` available to vLLM (safe to call repeatedly)."""
-    from rlsync.quant import vllm_plugin
+    from rlsync.quant import vllm_plugin  # imports vLLM: only when vLLM loads its plugins
 
     vllm_plugin.register()
 

@@ -1,5 +1,12 @@
 """rlsync's reload system: new weights into a processed vLLM model, memory bounded by one layer.
 
+Owns: the reload backend interface (`ReloadBackend`, `backend.py`), both
+backends (`Reload`, rlsync's, and `VLLMLayerwiseBackend`, vLLM's layerwise
+reload), `make_backend`, the capture, and `ONLINE_RELOAD_QUANT_CONFIGS`.
+May import: `rlsync.adapters` (vLLM internals), `rlsync.quant`, `rlsync.errors`.
+Groups are plain `(name, tensor)` sequences; nothing here knows trainers,
+sources or the engine (which imports this package).
+
 Why it exists: after `process_weights_after_loading`, a vLLM layer's parameters
 are in kernel format (FP8 transposed with per-channel scales, repacked for a
 CPU GEMM, ...) and its weight loaders no longer apply. vLLM 0.32 has one way
@@ -31,7 +38,7 @@ The design:
    write straight into the kernel tensors, elements are counted the same way,
    and the complete layer is processed again in place (a no-op for layers
    without a quant method). Before any re-processing, state that processing
-   derives from the weights and rebuilds (`vllm_adapter.DERIVED_STATE_ATTRS`:
+   derives from the weights and rebuilds (`vllm_layers.DERIVED_STATE_ATTRS`:
    on CPU the `cpu_linear` oneDNN handle, a full copy of the weight) is
    dropped, so the old and the new handle never coexist. `commit()` fails unless every layer
    was complete (nothing missing, nothing loaded twice: a second write raises
@@ -70,14 +77,13 @@ shard's `loaded_weight.numel()` against the layer's load-format element count
 from the capture (so completeness and loaded-twice checks still hold; a
 captured tensor that receives no checkpoint data, such as a scale created in
 `create_weights`, must declare `weight_loader_numel = 0`), and (3) when the
-layer is complete calls `quant_method.rlsync_finish_arrival(layer)` if the
-method defines it. `process_weights_after_loading` is not re-run for such
-layers. A plugin adds its config name to `ONLINE_RELOAD_QUANT_CONFIGS`.
+layer is complete it is done. `process_weights_after_loading` is not re-run
+for such layers. `ONLINE_RELOAD_QUANT_CONFIGS` lists the plugin's config.
 
 Limitations:
 1. Tied parameters: only the owner (the embedding) is loaded; followers (a tied
    LM head) keep the shared tensor and are re-processed at commit, which
-   `vllm_adapter.refresh_tied_followers` supports for unquantized followers only.
+   `vllm_layers.refresh_tied_followers` supports for unquantized followers only.
 2. Padded layers: a layer whose load format has elements the checkpoint never
    fills completes only if the creator declares `weight_loader_numel` (vLLM's
    convention); otherwise commit reports it as not fully loaded (fail closed).
@@ -101,21 +107,41 @@ Limitations:
    which rebuilds both.
 """
 
+from typing import Any
+
+from torch import nn
+
 from rlsync.reload.api import copy_kernel_format, reload_weights
+from rlsync.reload.backend import RELOAD_BACKENDS, ReloadBackend, Weights
 from rlsync.reload.capture import LayerCapture, ModelCapture, TensorSpec, capture, get_capture, record_kernel_format
 from rlsync.reload.session import Reload
 from rlsync.reload.support import ONLINE_RELOAD_QUANT_CONFIGS, check_supported
+from rlsync.reload.vllm_backend import VLLMLayerwiseBackend
 
 __all__ = [
     "ONLINE_RELOAD_QUANT_CONFIGS",
+    "RELOAD_BACKENDS",
     "LayerCapture",
     "ModelCapture",
     "Reload",
+    "ReloadBackend",
     "TensorSpec",
+    "VLLMLayerwiseBackend",
+    "Weights",
     "capture",
     "check_supported",
     "copy_kernel_format",
     "get_capture",
+    "make_backend",
     "record_kernel_format",
     "reload_weights",
 ]
+
+
+def make_backend(name: str, model: nn.Module, model_config: Any) -> ReloadBackend:
+    """Build the reload backend called `name` (one of `RELOAD_BACKENDS`) for this engine model."""
+    if name == "vllm":
+        return VLLMLayerwiseBackend(model, model_config)
+    if name == "rlsync":
+        return Reload(model, model_config)
+    raise ValueError(f"unknown reload_backend {name!r}; choose one of {', '.join(RELOAD_BACKENDS)}")

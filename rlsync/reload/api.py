@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from rlsync.engine import vllm_adapter
+from rlsync.adapters import vllm_load
 from rlsync.reload.capture import get_capture
 from rlsync.reload.session import Reload
 
@@ -46,7 +46,7 @@ def reload_weights(
         vllm_config = get_capture(model).vllm_config
         if vllm_config is None:
             raise ValueError("weights=None reloads the checkpoint vLLM built the model from, but this model was not built by vLLM")
-        weights = vllm_adapter.checkpoint_weights(vllm_config, model)
+        weights = vllm_load.checkpoint_weights(vllm_config, model)
     session = Reload(model)
     session.begin()
     try:

@@ -4,7 +4,7 @@ Once `process_weights_after_loading` has run, a layer's parameters are in
 kernel format (FP8 transposed with scales, repacked, ...) and the format the
 weight loaders expect is gone. `capture(model)` records it while it still
 exists, right after vLLM constructs the model (see
-`vllm_adapter.capture_at_load`): for every parameter and buffer its shape,
+`vllm_load.capture_at_load`): for every parameter and buffer its shape,
 stride, dtype, tensor class, attributes (`weight_loader`, `output_dim`,
 `input_dim`, `packed_dim`, `pack_factor`, ...), device and how many checkpoint
 elements it receives. It keeps no tensor storage at all: a spec rebuilds the
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlsync.engine import vllm_adapter
+from rlsync.adapters import vllm_load
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,7 +90,7 @@ def _rebind(value: Any, layer: nn.Module) -> Any:
 
 
 def _sanitize(value: Any, layer: nn.Module) -> Any:
-    value = vllm_adapter.original_weight_loader(value) if callable(value) else value
+    value = vllm_load.original_weight_loader(value) if callable(value) else value
     if isinstance(value, types.MethodType) and value.__self__ is layer:
         return _BoundToLayer(value.__func__)
     return value
@@ -211,7 +211,7 @@ def capture(model: nn.Module) -> ModelCapture:
             layers[name] = LayerCapture(
                 name=name, params=params, buffers=buffers, non_persistent=frozenset(layer._non_persistent_buffers_set)
             )
-    result = ModelCapture(layers=layers, vllm_config=vllm_adapter.current_vllm_config())
+    result = ModelCapture(layers=layers, vllm_config=vllm_load.current_vllm_config())
     _CAPTURES[model] = result
     return result
 

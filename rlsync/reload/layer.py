@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rlsync.engine import vllm_adapter
+from rlsync.adapters import vllm_layers, vllm_load
 from rlsync.errors import SyncError
 from rlsync.reload.capture import LayerCapture, TensorSpec
 
@@ -107,12 +107,12 @@ def _loader_of(spec_or_tensor: TensorSpec | torch.Tensor, layer: nn.Module) -> C
     if isinstance(spec_or_tensor, TensorSpec):
         loader = spec_or_tensor.weight_loader(layer)
     else:
-        loader = vllm_adapter.original_weight_loader(getattr(spec_or_tensor, "weight_loader", None))
+        loader = vllm_load.original_weight_loader(getattr(spec_or_tensor, "weight_loader", None))
     return loader if loader is not None else _default_loader
 
 
 def _default_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
-    vllm_adapter.default_weight_loader()(param, loaded_weight)
+    vllm_load.default_weight_loader()(param, loaded_weight)
 
 
 class SwappedLayer:
@@ -186,7 +186,7 @@ class SwappedLayer:
         """Process the complete layer and copy the result into the kernel tensors' storage."""
         for pname, spec in self.spec.params.items():
             self._materialize(pname, spec)  # tensors with no checkpoint data (declared padding)
-        vllm_adapter.process_layer(self.layer)
+        vllm_layers.process_layer(self.layer)
         for n, kernel in self.kernel_params.items():
             self._copy_into(n, kernel, self.layer._parameters.get(n))
         for n, kernel in self.kernel_buffers.items():
@@ -277,8 +277,7 @@ class ArrivalLayer:
     """A layer whose quant method quantizes each shard on arrival straight into kernel storage.
 
     The plugin's loaders write; this only counts shard elements against the
-    capture's load-format numel and, when the layer is complete, calls
-    `quant_method.rlsync_finish_arrival(layer)` if the method defines it.
+    capture's load-format numel; the layer is complete when they match.
     """
 
     def __init__(self, name: str, layer: nn.Module, spec: LayerCapture, patches: LoaderPatches) -> None:
@@ -312,9 +311,6 @@ class ArrivalLayer:
 
     def finish(self) -> None:
         self.done = True
-        finish = getattr(type(self.layer.quant_method), "rlsync_finish_arrival", None)
-        if finish is not None:
-            self.layer.quant_method.rlsync_finish_arrival(self.layer)
 
     def missing(self) -> list[str]:
         return [] if self.done else [f"{self.name}: {self.count}/{self.total} elements arrived"]

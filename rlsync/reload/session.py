@@ -25,13 +25,12 @@ from typing import Any
 
 from torch import nn
 
-from rlsync.engine import vllm_adapter
-from rlsync.engine.backends import ReloadBackend
+from rlsync.adapters import vllm_engine, vllm_layers
 from rlsync.errors import ConfigError, SyncError
+from rlsync.reload.backend import ReloadBackend, Weights
 from rlsync.reload.capture import KernelSpec, ModelCapture, get_capture, record_kernel_format
 from rlsync.reload.layer import ArrivalLayer, InPlaceLayer, LiveBytes, LoaderPatches, SwappedLayer
 from rlsync.reload.support import check_supported
-from rlsync.source.base import Group
 
 
 def is_arrival_layer(layer: nn.Module) -> bool:
@@ -75,13 +74,13 @@ class Reload(ReloadBackend):
         """(module name, capture, "swap" | "in_place" | "arrival") for every layer that takes part."""
         if not self.open and any(spec.kernel is None for spec in self.capture.layers.values()):
             record_kernel_format(self.model)  # first reload: the model is as processing left it
-        followers = {id(m) for m in vllm_adapter.tied_followers(self.model)}
+        followers = {id(m) for m in vllm_layers.tied_followers(self.model)}
         plan = []
         for name, layer in self.model.named_modules():
             spec = self.capture.layers.get(name)
             if spec is None or not spec.params or id(layer) in followers:
                 continue
-            if vllm_adapter.is_deferred_attention_layer(layer):
+            if vllm_layers.is_deferred_attention_layer(layer):
                 raise ConfigError(
                     f"{name}: attention layers with checkpoint parameters (e.g. KV-cache scales) are not "
                     "supported by reload_backend='rlsync'; use reload_backend='vllm'"
@@ -113,11 +112,11 @@ class Reload(ReloadBackend):
             session.swap_out()
             self.layers.append(session)
 
-    def load(self, group: Group) -> None:
+    def load(self, group: Weights) -> None:
         if not self.open:
             raise SyncError("load() outside a reload session: call begin() first")
         try:
-            self.loaded_names |= vllm_adapter.load_weights(self.model, group)
+            self.loaded_names |= vllm_engine.load_weights(self.model, group)
         finally:
             self.peak_live_bytes = self.live.peak
 
@@ -133,7 +132,7 @@ class Reload(ReloadBackend):
         self.layers = []
         self.open = False
         self.peak_live_bytes = self.live.peak
-        vllm_adapter.refresh_tied_followers(self.model)
+        vllm_layers.refresh_tied_followers(self.model)
 
     def abort(self) -> None:
         for session in self.layers:

@@ -2,15 +2,18 @@
 
 A config is listed only when reloading through it has been checked bit for bit
 against vLLM's own layerwise reload (tests/integration/test_reload_differential.py).
-Quantization code that brings its own config adds its name here (the FP8 plugin
-adds `"rlsync_fp8"`); everything else gets an error naming the alternative.
+The reload package owns this list: rlsync's own FP8 plugin (`rlsync_fp8`) is in
+it because its linear method implements the quantize-on-arrival protocol
+(`rlsync.reload.layer.ArrivalLayer`); everything else gets an error naming the
+alternative.
 """
 
 from __future__ import annotations
 
 from rlsync.errors import ConfigError
+from rlsync.quant.fp8_linear import NAME as RLSYNC_FP8
 
-ONLINE_RELOAD_QUANT_CONFIGS: set[str | None] = {None, "fp8_per_channel"}
+ONLINE_RELOAD_QUANT_CONFIGS: frozenset[str | None] = frozenset({None, "fp8_per_channel", RLSYNC_FP8})
 """vLLM `quantization=` values the `rlsync` backend reloads (None: unquantized)."""
 
 

@@ -15,6 +15,8 @@ import dataclasses
 import random
 from typing import Literal
 
+from rlsync.errors import ConfigError
+
 VOWELS = frozenset("aeiou")
 _LETTERS = "bcdfghjklmnpqrstvwxyz"
 
@@ -30,8 +32,6 @@ class TaskConfig:
 
     def validate(self) -> None:
         if self.prompt_length < 1:
-            from rlsync.errors import ConfigError
-
             raise ConfigError(f"task.prompt_length must be >= 1, got {self.prompt_length}")
 
 

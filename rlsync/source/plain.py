@@ -18,22 +18,6 @@ import torch
 from torch import nn
 
 from rlsync.source.gather import Entry, GatheringSource
-from rlsync.source.names import group_key
-
-
-def iter_named_groups(named: list[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Split `(hf_name, x)` pairs, in order, into consecutive runs of one group key."""
-    current: list[tuple[str, torch.Tensor]] = []
-    current_key: object = ()
-    for name, value in named:
-        key = group_key(name)
-        if current and key != current_key:
-            yield current
-            current = []
-        current_key = key
-        current.append((name, value))
-    if current:
-        yield current
 
 
 class ModuleSource(GatheringSource):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def paths():
-    from rlsync.testing import TinyModelSpec, tiny_model_path
+    from rlsync.default_model import TinyModelSpec, tiny_model_path
 
     return (
         str(tiny_model_path(TinyModelSpec(num_hidden_layers=4))),

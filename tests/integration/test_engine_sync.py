@@ -5,7 +5,8 @@ import gc
 import pytest
 import torch
 
-from rlsync.engine import EngineState, vllm_adapter
+from rlsync.adapters import vllm_engine, vllm_layers
+from rlsync.engine import EngineState
 from rlsync.errors import EngineNotReady, SyncError
 from rlsync.quant import reference
 from rlsync.source import ModuleSource
@@ -63,7 +64,7 @@ def test_sync_writes_exact_values_in_place(engine, trainer_model):
     qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().to(torch.bfloat16)
     module = engine.model.model.layers[1].self_attn.qkv_proj
     if engine.config.quantization is None:
-        assert torch.equal(vllm_adapter.read_kernel_tensor(module, "weight"), qkv)
+        assert torch.equal(vllm_layers.read_kernel_tensor(module, "weight"), qkv)
     else:
         q, scale = reference.fp8_per_channel(qkv)
         assert torch.equal(module.weight.t().view(torch.uint8), q.view(torch.uint8))
@@ -133,7 +134,7 @@ def test_incomplete_sync_is_an_error(engine, trainer_model):
 
 def test_verify_catches_a_stale_tied_head(engine, trainer_model, monkeypatch):
     """Without re-deriving the tied LM head's kernel state, verify must fail (it is not a rubber stamp)."""
-    monkeypatch.setattr(vllm_adapter, "refresh_tied_followers", lambda model: None)
+    monkeypatch.setattr(vllm_layers, "refresh_tied_followers", lambda model: None)
     perturb(trainer_model, seed=4)
     with pytest.raises(SyncError, match="lm_head"):
         engine.sync(trainer_model, step=30, verify=True)
@@ -179,7 +180,7 @@ def test_sleep_level_2_discards_until_a_full_sync(engine, trainer_model, monkeyp
     platform"), so the vLLM call is recorded instead; the state logic is ours.
     """
     calls = []
-    monkeypatch.setattr(vllm_adapter, "sleep", lambda llm, level: calls.append(level))
+    monkeypatch.setattr(vllm_engine, "sleep", lambda llm, level: calls.append(level))
     engine.sync(trainer_model, step=60)
     engine.sleep(level=1)
     assert engine.state is EngineState.READY  # level 1 keeps (offloads) the weights

@@ -32,7 +32,7 @@ import random
 import pytest
 import torch
 
-from rlsync.engine.vllm_adapter import read_kernel_tensor
+from rlsync.adapters.vllm_layers import read_kernel_tensor
 from rlsync.quant import reference as ref
 from rlsync.quant.fp8_linear import Fp8Config, quantize_full
 from rlsync.quant.plugin import hf_overrides

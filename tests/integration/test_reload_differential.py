@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlsync.engine.verify import verify_groups
-from rlsync.engine.vllm_adapter import read_kernel_tensor
+from rlsync.adapters.vllm_layers import read_kernel_tensor
 from rlsync.source import ModuleSource
 from tests.conftest import perturb
 from tests.integration.conftest import ShuffledSource, make_engine

@@ -26,7 +26,7 @@ def cpu_sleep_events(monkeypatch):
     import vllm
     from vllm.platforms import current_platform
 
-    from rlsync.engine import vllm_adapter
+    from rlsync.adapters import vllm_engine
 
     monkeypatch.setattr(type(current_platform), "is_sleep_mode_available", lambda self: True)
     events = []
@@ -36,7 +36,7 @@ def cpu_sleep_events(monkeypatch):
         sleep(self, level=level, **kwargs)
         if level == 2:
             with torch.no_grad():
-                for p in vllm_adapter.driver_model(self).parameters():
+                for p in vllm_engine.driver_model(self).parameters():
                     if p.is_floating_point() and p.numel():
                         p.fill_(float("nan"))
         events.append(f"sleep{level}")

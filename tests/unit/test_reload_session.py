@@ -134,11 +134,9 @@ def test_unsupported_quant_config_names_the_vllm_backend():
     model = build_toy()
     with pytest.raises(ConfigError, match=r"quantization='gptq'.*reload_backend='vllm'"):
         Reload(model, SimpleNamespace(quantization="gptq"))
-    ONLINE_RELOAD_QUANT_CONFIGS.add("gptq")  # a plugin registers its config this way
-    try:
-        Reload(model, SimpleNamespace(quantization="gptq"))
-    finally:
-        ONLINE_RELOAD_QUANT_CONFIGS.discard("gptq")
+    for supported in ONLINE_RELOAD_QUANT_CONFIGS:
+        Reload(model, SimpleNamespace(quantization=supported))
+    assert "rlsync_fp8" in ONLINE_RELOAD_QUANT_CONFIGS  # the reload package lists rlsync's own plugin itself
 
 
 def test_changed_kernel_format_is_refused_before_any_swap():
@@ -265,7 +263,7 @@ def arrival_methods(model):
     return [m.quant_method for m in model.modules() if isinstance(getattr(m, "quant_method", None), ToyArrivalQuant)]
 
 
-def test_arrival_layers_keep_kernel_tensors_count_and_finish():
+def test_arrival_layers_keep_kernel_tensors_and_count():
     model = build_toy(quant_factory=ToyArrivalQuant)
     objects = {n: p for n, p in model.named_parameters()}
     methods = arrival_methods(model)
@@ -277,7 +275,6 @@ def test_arrival_layers_keep_kernel_tensors_count_and_finish():
         for g in checkpoint_groups(seed):
             session.load(g)
         session.commit()
-        assert [m.num_finished for m in methods] == [seed] * len(methods)
         assert [m.num_processed for m in methods] == processed  # processing not re-run
         assert all(p is objects[n] for n, p in model.named_parameters())
         assert session.layer_load_bytes() == {}  # arrival and in-place layers only

@@ -12,7 +12,7 @@ import weakref
 import torch
 from torch import nn
 
-from rlsync.engine import vllm_adapter
+from rlsync.adapters import vllm_layers
 from rlsync.reload import capture, get_capture
 
 IN = 16
@@ -48,13 +48,9 @@ class ToyArrivalQuant:
 
     def __init__(self):
         self.num_processed = 0
-        self.num_finished = 0
 
     def process_weights_after_loading(self, layer):
         self.num_processed += 1  # nothing to do: shards were quantized as they arrived
-
-    def rlsync_finish_arrival(self, layer):
-        self.num_finished += 1
 
 
 class ToyFused(nn.Module):
@@ -99,10 +95,11 @@ class ToyFused(nn.Module):
         self.weight_scale.data.narrow(0, offset, self.shards[name]).copy_(scale)
 
 
+@vllm_layers.register_unquantized_method
 class UnquantizedToyHandle:
     """What vLLM's CPU `UnquantizedEmbeddingMethod` does: keep `weight`, derive `cpu_linear`, a closure
-    over a packed copy of the weight (the oneDNN handle). The name starts with "Unquantized" so a tied
-    follower is refreshed like vLLM's."""
+    over a packed copy of the weight (the oneDNN handle). Registered as an unquantized method (by type),
+    so a tied follower is refreshed like vLLM's."""
 
     def __init__(self):
         self.num_processed = 0
@@ -204,7 +201,7 @@ def build_toy(seed=0, quant_factory=ToyQuant, **factories):
     model.tie()
     model.load_weights([t for g in checkpoint_groups(seed) for t in g])
     for module in model.modules():
-        vllm_adapter.process_layer(module)
+        vllm_layers.process_layer(module)
     return model
 
 

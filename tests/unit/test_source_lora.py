@@ -21,7 +21,7 @@ def lora_model(model, **kwargs):
 def untied_model():
     from transformers import AutoModelForCausalLM
 
-    from rlsync.testing import TinyModelSpec, tiny_model_path
+    from rlsync.default_model import TinyModelSpec, tiny_model_path
 
     path = tiny_model_path(TinyModelSpec(tie_word_embeddings=False))
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

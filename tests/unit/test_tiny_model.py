@@ -1,8 +1,8 @@
-"""rlsync.testing builds the same checkpoint every time, locally, loadable by transformers."""
+"""rlsync.default_model builds the same checkpoint every time, locally, loadable by transformers."""
 
 import hashlib
 
-from rlsync.testing import TinyModelSpec, build_tokenizer, tiny_model_path
+from rlsync.default_model import TinyModelSpec, build_tokenizer, tiny_model_path
 
 
 def digest(path):

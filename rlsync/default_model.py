@@ -1,10 +1,15 @@
-"""Tiny, deterministic Hugging Face checkpoints built locally (no hub access).
+"""The product's built-in default model: tiny, deterministic Hugging Face checkpoints built locally.
 
-Why: tests, the default recipe config and the benchmarks all need a real
+Why: the default recipe config (`model.path: null`), the README example, tests
+and the benchmarks all need a real
 Qwen2-shaped checkpoint directory (config.json, safetensors, a fast tokenizer)
 that vLLM and transformers load like any other. Downloading one is not an
 option here, so we build it: a character-level tokenizer and a randomly
 initialised `Qwen2ForCausalLM`, seeded, saved in bf16, cached on disk.
+
+Concurrent builders (the ranks of a `torchrun` job on a fresh machine) take a
+file lock; a directory is used only when every file of a checkpoint is there,
+and an incomplete one left by a killed builder is rebuilt.
 
 What it does not do: produce a model that knows anything. The weights are
 random; tasks built on it must be learnable from scratch.
@@ -13,6 +18,7 @@ random; tasks built on it must be learnable from scratch.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -95,20 +101,30 @@ def tiny_model_path(spec: TinyModelSpec | None = None) -> Path:
     """Return the checkpoint directory for `spec`, building it once if missing."""
     spec = spec or TinyModelSpec()
     path = cache_dir() / f"tiny-qwen2-{spec.key()}"
-    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
+    if _complete(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    try:
-        _write_checkpoint(tmp, spec)
+    with open(path.parent / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others find it done
+        if _complete(path):
+            return path
+        shutil.rmtree(path, ignore_errors=True)  # an incomplete directory from a killed builder
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
         try:
-            os.rename(tmp, path)  # atomic: concurrent builders race to the same content
-        except OSError:
-            if not path.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _write_checkpoint(tmp, spec)
+            os.rename(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+_CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def _complete(path: Path) -> bool:
+    """Every file a checkpoint needs is there (weights in one file or sharded with an index)."""
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return weights and all((path / name).is_file() for name in _CHECKPOINT_FILES)
 
 
 def _write_checkpoint(path: Path, spec: TinyModelSpec) -> None:

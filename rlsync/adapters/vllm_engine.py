@@ -1,0 +1,102 @@
+"""vLLM's engine in this process: version check, build, reach the model, sample, sleep.
+
+rlsync runs vLLM in the trainer's process (colocated). Reaching the model object
+(`llm.llm_engine.model_executor.driver_worker.model_runner.model`) is an
+internal that moves between vLLM releases, so it lives here, guarded by
+`SUPPORTED_VLLM` (the one version check every `rlsync.adapters.vllm_*` module
+goes through). Public vLLM API (`vllm.LLM`, `SamplingParams`) is reached
+through here too, so no other rlsync package imports vLLM at all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+SUPPORTED_VLLM = ("0.32",)
+"""vLLM release lines whose internals this adapter was written against."""
+
+
+def check_vllm_version(version: str) -> None:
+    """`RuntimeError` unless `version` is a vLLM release line these adapters were written against."""
+    if not version.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(
+            f"rlsync's vLLM adapter supports vLLM {', '.join(v + '.x' for v in SUPPORTED_VLLM)}; found {version}"
+        )
+
+
+def import_vllm():
+    """Import vLLM for in-process (colocated) use, with rlsync's defaults.
+
+    `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps the engine core in this process so
+    the model object is reachable; a 1 GiB CPU KV cache keeps tests small. Both
+    only apply where the user has not set them.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import vllm
+
+    check_vllm_version(vllm.__version__)
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        raise RuntimeError("colocated sync needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (engine in this process)")
+    return vllm
+
+
+def build_llm(model_path: str, **llm_kwargs: Any):
+    """`vllm.LLM(model_path, **llm_kwargs)` in this process."""
+    vllm = import_vllm()
+    return vllm.LLM(model_path, **llm_kwargs)
+
+
+def model_runner(llm):
+    return llm.llm_engine.model_executor.driver_worker.model_runner
+
+
+def driver_model(llm) -> torch.nn.Module:
+    """The `nn.Module` vLLM executes (rank-local, in this process)."""
+    return model_runner(llm).model
+
+
+def model_config(llm):
+    return model_runner(llm).vllm_config.model_config
+
+
+def packed_modules_mapping(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Fused engine module -> checkpoint modules, e.g. `qkv_proj -> [q_proj, k_proj, v_proj]`."""
+    return dict(getattr(model, "packed_modules_mapping", {}) or {})
+
+
+def load_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """vLLM's own name mapping and weight loaders (HF names -> fused params)."""
+    return set(model.load_weights(iter(weights)) or ())
+
+
+def native_reload_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """vLLM's own in-place reload from an iterator: `initialize_layerwise_reload`,
+    `model.load_weights`, `finalize_layerwise_reload` in one model-runner call.
+
+    rlsync does not sync this way (no validation, no tied-head refresh); the
+    benchmarks use it as the baseline vLLM users have today.
+    """
+    model_runner(llm).reload_weights(weights_iterator=weights)
+
+
+def reset_prefix_cache(llm) -> None:
+    """Drop cached prefix KV blocks (computed with weights that just changed)."""
+    llm.reset_prefix_cache()
+
+
+def sleep(llm, level: int) -> None:
+    llm.sleep(level=level)
+
+
+def wake_up(llm, tags: list[str] | None = None) -> None:
+    llm.wake_up(tags=tags)
+
+
+def sampling_params(**kwargs: Any):
+    """`vllm.SamplingParams(**kwargs)` (public API, imported here so no other package imports vLLM)."""
+    return import_vllm().SamplingParams(**kwargs)
