@@ -100,3 +100,25 @@ def wake_up(llm, tags: list[str] | None = None) -> None:
 def sampling_params(**kwargs: Any):
     """`vllm.SamplingParams(**kwargs)` (public API, imported here so no other package imports vLLM)."""
     return import_vllm().SamplingParams(**kwargs)
+
+
+def clear_kv_cache(llm) -> int:
+    """Drop every cached prefix block and zero all KV-cache memory; the bytes zeroed.
+
+    After weights that were wrong (a failed sync, non-finite values let through),
+    freed KV blocks still hold values computed from them. Attention over a
+    block's unused slots is masked, but a NaN there survives the mask (NaN + -inf
+    is NaN), so stale blocks can poison later rollouts. vLLM 0.32 keeps the
+    cache tensors in `model_runner.kv_caches` (tensors, or lists of tensors).
+    """
+    llm.reset_prefix_cache()
+    total = 0
+    pending = list(model_runner(llm).kv_caches)
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            item.zero_()
+            total += item.nbytes
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return total

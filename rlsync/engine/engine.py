@@ -6,9 +6,19 @@ raises for any reason leaves it FAILED, and `generate` then raises
 `EngineNotReady` instead of sampling from a half-updated model. The next full
 sync brings it back to READY.
 
-A sync validates each incoming tensor (known name, right shape, not yet seen,
-finite if asked) before handing the group to the reload backend, and on commit
-checks that every checkpoint tensor arrived exactly once.
+A sync validates each incoming tensor (known name, right shape, a floating
+dtype, not yet seen, finite unless `reject_nonfinite=False`) before handing
+the group to the reload backend, and on commit checks that every checkpoint
+tensor arrived exactly once. FP8 layers are checked for non-finite values
+through their scales after the load (free); other tensors with one pass.
+
+Concurrency: `sync`, `generate`, `score`, `sleep` and `wake_up` hold one
+re-entrant lock, so a sync never overlaps a generation; a second caller waits
+for the call in flight (no timeout).
+
+After a failed sync every KV-cache block is zeroed (a NaN in a freed block
+survives attention masking), so nothing computed from bad weights outlives the
+recovery sync.
 
 What it does not do: launch processes (use torchrun / deepspeed) or own the
 trainer model.
@@ -19,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -29,10 +40,18 @@ from rlsync.adapters import vllm_engine, vllm_load
 from rlsync.engine.checkpoint import checkpoint_shapes
 from rlsync.engine.config import EngineConfig
 from rlsync.engine.report import SyncReport
-from rlsync.engine.verify import verify_groups
+from rlsync.engine.verify import verify_groups, weight_sources
 from rlsync.errors import ConfigError, EngineNotReady, SyncError
 from rlsync.reload import ReloadBackend, Weights, capture, get_capture, make_backend
 from rlsync.source import WeightSource, source_for
+
+
+ACCEPTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+"""Dtypes a sync accepts (cast to the engine dtype on load); anything else is refused by name."""
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
 
 
 class EngineState(enum.Enum):
@@ -87,6 +106,17 @@ class VLLMEngine:
         self.packed = vllm_engine.packed_modules_mapping(self.model)
         self.checkpoint_shapes = checkpoint_shapes(cfg.model)
         self.backend: ReloadBackend = make_backend(cfg.reload_backend, self.model, vllm_engine.model_config(self.llm))
+        self._scales = {
+            name: module for name, module in self.model.named_modules()
+            if isinstance(module._parameters.get("weight_scale"), torch.Tensor)
+        }
+        """FP8 layers' scales, checked for finiteness after each sync (`_check_scales`)."""
+        self._scale_checked = {n for name in self._scales for n in weight_sources(name, self.packed)}
+        """Checkpoint names whose finiteness the FP8 scales prove (no separate pass over them)."""
+        self._lock = threading.RLock()
+        """Serializes sync / generate / score / sleep / wake_up: a caller waits for the one in flight."""
+        self._kv_asleep = False
+        self._kv_dirty = False
         self.state = EngineState.READY
         self.step = 0
         self.error: BaseException | None = None
@@ -105,19 +135,29 @@ class VLLMEngine:
         """Push the trainer's weights into the engine; READY at `step` on success.
 
         `source` is a `WeightSource` or a model (wrapped by `source_for`, cast to
-        the engine dtype group by group).
+        the engine dtype group by group). Waits for any other engine call
+        (`generate`, `score`, another `sync`, ...) to finish first.
 
-        On any failure the engine is left FAILED and `SyncError` is raised with
-        the offending parameter's name where there is one.
+        Whatever is raised during the sync or its verify pass, the engine is left
+        FAILED (never SYNCING) and every KV-cache block is dropped; the next
+        complete sync recovers it. Errors are raised as `SyncError` naming the
+        offending parameter where there is one; interrupts (`KeyboardInterrupt`,
+        `SystemExit`, any non-`Exception`) propagate as themselves.
         """
+        with self._lock:
+            return self._sync(source, step, verify)
+
+    def _sync(self, source: WeightSource | torch.nn.Module, step: int, verify: bool) -> SyncReport:
         if self.state is EngineState.SYNCING:
             raise SyncError("a sync is already in progress")
         if not isinstance(source, WeightSource):
             # cast on the trainer side, one group at a time: the engine loads bf16 anyway
             source = source_for(source, dtype=getattr(torch, self.config.dtype))
+        recovering = self.state is EngineState.FAILED
         self.state = EngineState.SYNCING
         received: set[str] = set()
         counts = {"bytes": 0, "groups": 0}
+        committed = False
         start = time.perf_counter()
         try:
             self.backend.begin()
@@ -134,31 +174,30 @@ class VLLMEngine:
             if missing:
                 raise SyncError(f"sync incomplete: {len(missing)} checkpoint tensors never arrived, e.g. {missing[:3]}")
             self.backend.commit()
-            # KV blocks cached for a prompt prefix were computed with the old weights
-            vllm_engine.reset_prefix_cache(self.llm)
+            committed = True
+            self._check_scales()
+            if recovering or not self.config.reject_nonfinite:
+                self._clear_kv_cache()  # blocks computed from bad weights may linger
+            else:
+                vllm_engine.reset_prefix_cache(self.llm)  # cached prefixes came from the old weights
+            report = SyncReport(
+                step=step,
+                backend=self.backend.name,
+                seconds=time.perf_counter() - start,
+                num_bytes=counts["bytes"],
+                num_groups=counts["groups"],
+                num_tensors=len(received),
+                peak_load_bytes=self.backend.peak_live_bytes,
+                peak_gathered_bytes=source.stats.peak_bytes,
+            )
+            if verify:
+                report.num_verified, report.num_written = verify_groups(self.model, self.packed, source.groups(), received)
+                report.verified = True
         except BaseException as exc:
-            self._fail(exc)
-            if isinstance(exc, SyncError):
-                raise
+            self._fail(exc, abort=not committed)
+            if isinstance(exc, SyncError) or not isinstance(exc, Exception):
+                raise  # interrupts propagate as themselves, after the state is FAILED
             raise SyncError(f"sync to step {step} failed: {type(exc).__name__}: {exc}") from exc
-        seconds = time.perf_counter() - start
-        report = SyncReport(
-            step=step,
-            backend=self.backend.name,
-            seconds=seconds,
-            num_bytes=counts["bytes"],
-            num_groups=counts["groups"],
-            num_tensors=len(received),
-            peak_load_bytes=self.backend.peak_live_bytes,
-            peak_gathered_bytes=source.stats.peak_bytes,
-        )
-        if verify:
-            try:
-                report.num_verified = verify_groups(self.model, self.packed, source.groups(), received)
-            except SyncError as exc:
-                self.state, self.error = EngineState.FAILED, exc
-                raise
-            report.verified = True
         self.state, self.step, self.error = EngineState.READY, step, None
         return report
 
@@ -169,18 +208,42 @@ class VLLMEngine:
                 raise SyncError(f"engine has no parameter {name!r} (not in the checkpoint)")
             if tuple(tensor.shape) != want:
                 raise SyncError(f"parameter {name!r}: shape {tuple(tensor.shape)} != engine's {want}")
+            if tensor.dtype not in ACCEPTED_DTYPES:
+                raise SyncError(f"parameter {name!r}: dtype {tensor.dtype} is not a floating type the engine accepts "
+                                f"({', '.join(str(d) for d in ACCEPTED_DTYPES)})")
             if name in received:
                 raise SyncError(f"parameter {name!r} arrived twice in one sync")
-            if self.config.reject_nonfinite and not bool(torch.isfinite(tensor).all()):
-                raise SyncError(f"parameter {name!r} has non-finite values (reject_nonfinite=True)")
+            if self.config.reject_nonfinite and name not in self._scale_checked and not _finite(tensor):
+                raise SyncError(f"parameter {name!r} has non-finite values (NaN or Inf; reject_nonfinite=True)")
             received.add(name)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _check_scales(self) -> None:
+        """Non-finite check for FP8 layers, at ~no cost: a NaN or Inf anywhere in a weight makes the
+        quantizer's absolute max, hence its scale, non-finite (per tensor, channel or block alike)."""
+        if not self.config.reject_nonfinite:
+            return
+        bad = [name for name, module in self._scales.items() if not _finite(module.weight_scale)]
+        if bad:
+            raise SyncError(f"non-finite values (NaN or Inf) arrived for {', '.join(bad[:3])}: their FP8 scales are not "
+                            "finite (reject_nonfinite=True)")
+
+    def _clear_kv_cache(self) -> None:
+        """Zero every KV block now, or on `wake_up(["kv_cache"])` while the cache sleeps (its memory is released)."""
+        if self._kv_asleep:
+            self._kv_dirty = True
+        else:
+            vllm_engine.clear_kv_cache(self.llm)
+            self._kv_dirty = False
+
+    def _fail(self, exc: BaseException, *, abort: bool) -> None:
+        """FAILED, kernel tensors back on their layers, every KV block dropped; never raises over `exc`."""
         self.state, self.error = EngineState.FAILED, exc
-        try:
-            self.backend.abort()
-        except Exception as abort_exc:  # the sync's own error is the one to report
-            exc.add_note(f"abort after the failed sync also raised: {abort_exc!r}")
+        steps = ([("abort", self.backend.abort)] if abort else []) + [("KV-cache clear", self._clear_kv_cache)]
+        for what, action in steps:
+            try:
+                action()
+            except Exception as cleanup_exc:  # the sync's own error is the one to report
+                exc.add_note(f"{what} after the failed sync also raised: {cleanup_exc!r}")
 
     # ---------------------------------------------------------- rollouts
     def _require_ready(self) -> None:
@@ -207,7 +270,12 @@ class VLLMEngine:
         `seed`: None (engine RNG), one int for every prompt (prompts then share a
         random stream), or one int per prompt (independent, reproducible streams).
         """
-        self._require_ready()
+        with self._lock:
+            self._require_ready()
+            return self._generate(prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seed, stop_token_ids=stop_token_ids)
+
+    def _generate(self, prompts, *, n, max_tokens, temperature, top_p, seed, stop_token_ids) -> list[PromptResult]:
         seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
@@ -231,7 +299,11 @@ class VLLMEngine:
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Log-prob of each token given its prefix (positions 1..L-1), per sequence."""
-        self._require_ready()
+        with self._lock:
+            self._require_ready()
+            return self._score(sequences)
+
+    def _score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         params = vllm_engine.sampling_params(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outputs = self.llm.generate(_as_inputs(sequences), params, use_tqdm=False)
         scores = []
@@ -248,13 +320,23 @@ class VLLMEngine:
         level 2 drops both, so the engine refuses to sample until a full sync.
         Wake up with `wake_up(["weights"])`, sync, then `wake_up(["kv_cache"])`.
         """
+        with self._lock:
+            self._sleep(level)
+
+    def _sleep(self, level: int) -> None:
         vllm_engine.sleep(self.llm, level)
+        self._kv_asleep = True
         if level >= 2 and self.state is EngineState.READY:
             self.state = EngineState.DISCARDED
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-acquire memory; wake `["weights"]` before a sync, `["kv_cache"]` after."""
-        vllm_engine.wake_up(self.llm, tags)
+        with self._lock:
+            vllm_engine.wake_up(self.llm, tags)
+            if tags is None or "kv_cache" in tags:
+                self._kv_asleep = False
+                if self._kv_dirty:
+                    self._clear_kv_cache()
 
     def named_kernel_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The engine's parameters as the kernels use them (for tests and verify)."""

@@ -26,9 +26,11 @@ class SyncReport:
     peak_gathered_bytes: int | None = None
     """Most gathered bytes the source held at once (its own counter)."""
     verified: bool | None = None
-    """With `verify=True`: every engine tensor was written and equals the reference; else None."""
+    """With `verify=True`: every engine tensor the sync wrote was compared and equals the reference; else None."""
     num_verified: int = 0
-    """Engine tensors compared bit for bit against the reference."""
+    """Engine tensors compared bit for bit against the reference (equals `num_written` when verified)."""
+    num_written: int = 0
+    """With `verify=True`: engine tensors the sync wrote (every parameter of every module the checkpoint feeds)."""
 
     @property
     def gbps(self) -> float:
@@ -49,4 +51,6 @@ class SyncReport:
             out["peak_gathered_bytes"] = float(self.peak_gathered_bytes)
         if self.verified is not None:
             out["verified"] = float(self.verified)
+            out["verified_tensors"] = float(self.num_verified)
+            out["written_tensors"] = float(self.num_written)
         return {prefix + k: v for k, v in out.items()}

@@ -12,6 +12,14 @@ How each quantized layer is derived comes from its quant method
 keyed by type); a method without a reference fails verify, naming it.
 The pass reads the source again group by group, so memory stays bounded.
 
+Verify is total or it fails: every parameter of every engine module the
+checkpoint feeds is a tensor the sync wrote, and each is compared. A module
+whose parameters verify cannot derive (a layer type it does not know, such as
+fused MoE experts `w13_weight` / `w2_weight`, or a kernel tensor the reference
+does not produce) raises `SyncError` naming the layer type and the tensors,
+never a silent skip; `verify_groups` returns (compared, written) and they are
+equal.
+
 Limitations: 1. tensor parallel size 1 (each rank's full tensors);
 2. parameters only (buffers such as rotary caches are not checkpoint data).
 """
@@ -40,6 +48,12 @@ class _Item:
     """Engine param name ('weight', 'bias') -> checkpoint names whose concatenation it loads."""
 
 
+def weight_sources(module_name: str, packed: dict[str, list[str]], param: str = "weight") -> list[str]:
+    """Checkpoint names whose concatenation an engine module's `param` loads (fused shards in order)."""
+    prefix, _, leaf = module_name.rpartition(".")
+    return [f"{prefix}.{s}.{param}" if prefix else f"{s}.{param}" for s in packed.get(leaf, [leaf])]
+
+
 def checkpoint_sources(model: nn.Module, packed: dict[str, list[str]]) -> list[_Item]:
     """For each engine module with parameters, which checkpoint tensors feed which parameter.
 
@@ -48,18 +62,28 @@ def checkpoint_sources(model: nn.Module, packed: dict[str, list[str]]) -> list[_
     """
     items = []
     owner_sources: dict[int, list[str]] = {}
+    unreadable = []
     for module_name, module in model.named_modules():
+        names = [n for n, _ in module.named_parameters(recurse=False)]
+        if names and "weight" not in names:
+            unreadable.append(f"{module_name} ({type(module).__name__}: {', '.join(names)})")
+            continue
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if n in ("weight", "bias")]
         if not own:
             continue
-        prefix, _, leaf = module_name.rpartition(".")
-        shards = packed.get(leaf, [leaf])
-        base = lambda s: f"{prefix}.{s}" if prefix else s  # noqa: E731
         sources = {}
         for n, p in own:
-            sources[n] = owner_sources.setdefault(id(p), [f"{base(s)}.{n}" for s in shards])
+            sources[n] = owner_sources.setdefault(id(p), weight_sources(module_name, packed, n))
         items.append(_Item(module_name=module_name, module=module, sources=sources))
+    if unreadable:
+        raise SyncError(f"verify cannot read {len(unreadable)} layer(s) of a type it does not know, e.g. "
+                        + "; ".join(unreadable[:3]))
     return items
+
+
+def kernel_param_count(items: list[_Item]) -> int:
+    """Engine tensors the sync writes: every parameter of every module the checkpoint feeds."""
+    return sum(len(list(item.module.named_parameters(recurse=False))) for item in items)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -85,8 +109,9 @@ def expected_tensors(item: _Item, tensors: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def verify_groups(model: nn.Module, packed: dict[str, list[str]], groups: Iterable[Weights], received: set[str]) -> int:
-    """Compare every engine parameter with its reference; return how many were checked.
+def verify_groups(model: nn.Module, packed: dict[str, list[str]], groups: Iterable[Weights],
+                  received: set[str]) -> tuple[int, int]:
+    """Compare every engine parameter with its reference; return (compared, written), which are equal.
 
     A fused parameter whose shards arrive in different groups (a source with a
     byte budget splits layers into buckets) is checked once all its shards have
@@ -96,7 +121,9 @@ def verify_groups(model: nn.Module, packed: dict[str, list[str]], groups: Iterab
     Raises `SyncError` naming the first parameters that were not written this
     sync (a source name missing from `received`) or whose bits differ.
     """
-    pending = {id(it): it for it in checkpoint_sources(model, packed)}
+    items = checkpoint_sources(model, packed)
+    written = kernel_param_count(items)
+    pending = {id(it): it for it in items}
     problems: list[str] = []
     checked = 0
     held: dict[str, torch.Tensor] = {}
@@ -111,7 +138,12 @@ def verify_groups(model: nn.Module, packed: dict[str, list[str]], groups: Iterab
             if missing:
                 problems.append(f"{item.module_name}: not written this sync ({', '.join(missing)})")
                 continue
-            for pname, want in expected_tensors(item, held).items():
+            expected = expected_tensors(item, held)
+            uncompared = sorted({n for n, _ in item.module.named_parameters(recurse=False)} - set(expected))
+            if uncompared:
+                problems.append(f"{item.module_name}: verify cannot derive {', '.join(uncompared)} "
+                                f"({type(item.module).__name__} with {type(getattr(item.module, 'quant_method', None)).__name__})")
+            for pname, want in expected.items():
                 have = read_kernel_tensor(item.module, pname)
                 checked += 1
                 if have.shape != want.shape or have.dtype != want.dtype:
@@ -124,6 +156,8 @@ def verify_groups(model: nn.Module, packed: dict[str, list[str]], groups: Iterab
         del group
     for item in pending.values():
         problems.append(f"{item.module_name}: no checkpoint tensors for it in the source")
+    if not problems and checked != written:
+        problems.append(f"compared {checked} engine tensors but the sync wrote {written}")
     if problems:
         raise SyncError("verify failed: " + "; ".join(problems[:8]) + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
-    return checked
+    return checked, written
