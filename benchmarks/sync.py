@@ -11,8 +11,9 @@ peak extra RSS during a sync and the reload backend's own live-byte counter
 (see `_methods.py` for each method and exactly how memory is measured). This
 process measures the memory-bandwidth floor (`_floor.py`) and prints one
 markdown table: median seconds, ratio to rlsync's sync for the same quant,
-multiple of the copy floor, GB/s of bf16 received, peak extra memory, and
-whether the engine then held exactly the trainer's weights (`--verify`).
+multiple of the copy floor, GB/s of bf16 received, peak extra memory, the
+time rlsync's always-on NaN / Inf check took inside its sync (and the sync's
+ratio with it to without it), and whether the engine then held exactly the trainer's weights (`--verify`).
 
 Why subprocesses: peak RSS of one method must not hide in heap pages an
 earlier method freed; and a method that crashes or corrupts the engine (trl's
@@ -181,6 +182,14 @@ def _short(verify: str) -> str:
     return verify.replace("SyncError: verify failed: ", "").replace(": bits differ from the reference", " differs")
 
 
+def _check(record: dict[str, Any]) -> str:
+    """The always-on NaN / Inf check's share of the sync: seconds, and the sync with it / without it."""
+    if "check_s_median" not in record:
+        return "-"
+    check, total = record["check_s_median"], record["median_s"]
+    return f"{check * 1e3:.1f} ms ({total / max(total - check, 1e-12):.3f}x)"
+
+
 def format_table(result: dict[str, Any]) -> str:
     env = result["env"]
     lines = [
@@ -195,20 +204,21 @@ def format_table(result: dict[str, Any]) -> str:
             f"largest decoder layer {_mib(facts.layer_bytes)} MiB, largest tensor {_mib(facts.max_tensor_bytes)} MiB). Copy floor: bf16 bytes {floor['bf16'] * 1e3:.2f} ms, "
             f"FP8 requant bytes (2 B read + 1 B write per quantized parameter) {floor['fp8'] * 1e3:.2f} ms.",
             "",
-            "| quant | method | median s | best s | first s | vs rlsync | x floor | GB/s | peak extra RSS MiB | backend live MiB | verify |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| quant | method | median s | best s | first s | vs rlsync | x floor | GB/s | peak extra RSS MiB | backend live MiB "
+            "| NaN/Inf check | verify |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         base = {r["quant"]: r["median_s"] for r in model["records"] if r["method"] == "rlsync" and r["status"] == "ok"}
         for r in model["records"]:
             if r["status"] != "ok":
-                lines.append(f"| {r['quant']} | {r['method']} | failed: {r['error']} | | | | | | | | |")
+                lines.append(f"| {r['quant']} | {r['method']} | failed: {r['error']} | | | | | | | | | |")
                 continue
             f = floor["bf16"] if r["quant"] == "bf16" else floor["fp8"]
             ratio = f"{r['median_s'] / base[r['quant']]:.2f}" if r["quant"] in base else "-"
             lines.append(
                 f"| {r['quant']} | {r['method']} | {r['median_s']:.4f} | {min(r['times_s']):.4f} | {r['first_s']:.4f} | {ratio} | "
                 f"{r['median_s'] / f:.1f} | {r['num_bytes'] / 1e9 / r['median_s']:.2f} | {_mib(r['peak_rss_bytes'])} | "
-                f"{_mib(r.get('peak_live_bytes'))} | {_short(r.get('verify', '-'))} |"
+                f"{_mib(r.get('peak_live_bytes'))} | {_check(r)} | {_short(r.get('verify', '-'))} |"
             )
         lines.append("")
     return "\n".join(lines)

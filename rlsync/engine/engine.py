@@ -117,6 +117,7 @@ class VLLMEngine:
         """Serializes sync / generate / score / sleep / wake_up: a caller waits for the one in flight."""
         self._kv_asleep = False
         self._kv_dirty = False
+        self._check_seconds = 0.0
         self.state = EngineState.READY
         self.step = 0
         self.error: BaseException | None = None
@@ -158,6 +159,7 @@ class VLLMEngine:
         received: set[str] = set()
         counts = {"bytes": 0, "groups": 0}
         committed = False
+        self._check_seconds = 0.0
         start = time.perf_counter()
         try:
             self.backend.begin()
@@ -189,6 +191,7 @@ class VLLMEngine:
                 num_tensors=len(received),
                 peak_load_bytes=self.backend.peak_live_bytes,
                 peak_gathered_bytes=source.stats.peak_bytes,
+                nonfinite_check_seconds=self._check_seconds,
             )
             if verify:
                 report.num_verified, report.num_written = verify_groups(self.model, self.packed, source.groups(), received)
@@ -213,16 +216,22 @@ class VLLMEngine:
                                 f"({', '.join(str(d) for d in ACCEPTED_DTYPES)})")
             if name in received:
                 raise SyncError(f"parameter {name!r} arrived twice in one sync")
-            if self.config.reject_nonfinite and name not in self._scale_checked and not _finite(tensor):
+            if self.config.reject_nonfinite and name not in self._scale_checked and not self._timed_finite(tensor):
                 raise SyncError(f"parameter {name!r} has non-finite values (NaN or Inf; reject_nonfinite=True)")
             received.add(name)
+
+    def _timed_finite(self, tensor: torch.Tensor) -> bool:
+        t0 = time.perf_counter()
+        ok = _finite(tensor)
+        self._check_seconds += time.perf_counter() - t0
+        return ok
 
     def _check_scales(self) -> None:
         """Non-finite check for FP8 layers, at ~no cost: a NaN or Inf anywhere in a weight makes the
         quantizer's absolute max, hence its scale, non-finite (per tensor, channel or block alike)."""
         if not self.config.reject_nonfinite:
             return
-        bad = [name for name, module in self._scales.items() if not _finite(module.weight_scale)]
+        bad = [name for name, module in self._scales.items() if not self._timed_finite(module.weight_scale)]
         if bad:
             raise SyncError(f"non-finite values (NaN or Inf) arrived for {', '.join(bad[:3])}: their FP8 scales are not "
                             "finite (reject_nonfinite=True)")

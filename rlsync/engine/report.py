@@ -25,6 +25,8 @@ class SyncReport:
     """Most load-format bytes the reload backend held at once (its own counter)."""
     peak_gathered_bytes: int | None = None
     """Most gathered bytes the source held at once (its own counter)."""
+    nonfinite_check_seconds: float = 0.0
+    """Part of `seconds` spent checking for NaN / Inf (`reject_nonfinite`)."""
     verified: bool | None = None
     """With `verify=True`: every engine tensor the sync wrote was compared and equals the reference; else None."""
     num_verified: int = 0
