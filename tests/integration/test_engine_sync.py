@@ -10,8 +10,7 @@ from rlsync.engine import EngineState
 from rlsync.errors import EngineNotReady, SyncError
 from rlsync.quant import reference
 from rlsync.source import ModuleSource
-from tests.conftest import perturb
-from tests.integration.conftest import make_engine
+from tests.integration.support import make_engine, perturb
 
 # bf16 engine vs fp32 trainer on the tiny model: measured max |d logp| ~0.005
 # (bf16 rounding of weights and activations); 0.02 leaves 4x headroom.

@@ -25,9 +25,7 @@ computations are at most `2 e` apart. So:
 - and q > 3 e, so the test can tell an FP8 model from the trainer at all.
 """
 
-import copy
 import gc
-import random
 
 import pytest
 import torch
@@ -37,15 +35,10 @@ from rlsync.quant import reference as ref
 from rlsync.quant.fp8_linear import Fp8Config, quantize_full
 from rlsync.quant.plugin import hf_overrides
 from rlsync.source import ModuleSource
-from tests.conftest import perturb
-from tests.integration.conftest import ShuffledSource, make_engine
+from tests.integration.support import SEQS, ShuffledSource, dequantized_trainer, hf_logprobs, make_engine, perturb
 
 SCHEMES = ["tensor", "channel", "block"]
 SQNR_FLOOR_DB = 28.0
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SEQS = [random.Random(s).choices(range(4, 64), k=24) for s in range(4)]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +64,6 @@ def engines(request, tiny_path):
     yield request.param, ours, theirs, bf16
     del ours, theirs, bf16
     gc.collect()
-
-
-def hf_logprobs(model):
-    out = []
-    with torch.no_grad():
-        for seq in SEQS:
-            logits = model(torch.tensor([seq])).logits[0, :-1].float()
-            out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0])
-    return out
 
 
 def fp8_layers(engine):
@@ -166,20 +150,6 @@ def _stored(layer):
 
     m = layer.quant_method
     return QuantizedTensor(data=layer.weight, scale=layer.weight_scale, layout=m.layout, shape=m.shape, shard_widths=m.widths)
-
-
-def dequantized_trainer(trainer, scheme):
-    """The fp32 trainer with every linear weight replaced by its reference FP8 dequantization."""
-    cfg = Fp8Config(scheme=scheme)
-    model = copy.deepcopy(trainer)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.rpartition(".")[2] in LINEARS:
-                w = module.weight.to(torch.bfloat16)
-                q, s = quantize_full(cfg, w, [w.shape[0]])
-                full = ref.expand_scale(s, tuple(w.shape), granularity=scheme, block=cfg.block)
-                module.weight.copy_(ref.dequantize(q, full))
-    return model
 
 
 def test_logprobs_match_trainer_within_derived_tolerance(engines, trainer):

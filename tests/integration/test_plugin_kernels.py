@@ -22,9 +22,7 @@ import torch
 
 from rlsync.quant.kernels import KERNEL_ENV
 from rlsync.quant.plugin import hf_overrides
-from tests.conftest import perturb
-from tests.integration.test_plugin_fp8 import SEQS, dequantized_trainer, hf_logprobs
-from tests.integration.conftest import make_engine
+from tests.integration.support import SEQS, dequantized_trainer, hf_logprobs, make_engine, perturb
 
 
 

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from rlsync.engine.verify import verify_groups
-from rlsync.adapters.vllm_layers import read_kernel_tensor
 from rlsync.source import ModuleSource
-from tests.conftest import perturb
-from tests.integration.conftest import ShuffledSource, make_engine
+from tests.integration.support import ShuffledSource, kernel_bits, make_engine, perturb
 
 
 
@@ -30,17 +28,6 @@ def engines(request, tiny_path):
     yield ours, theirs
     del ours, theirs
     gc.collect()
-
-
-def kernel_bits(engine):
-    """Every module parameter as the kernel computes with it (tied LM head included), as raw bits."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
-    out = {}
-    for module_name, module in engine.model.named_modules():
-        for pname, _ in module.named_parameters(recurse=False):
-            t = read_kernel_tensor(module, pname)
-            out[f"{module_name}.{pname}"] = (t.dtype, t.contiguous().view(ints[t.element_size()]).clone())
-    return out
 
 
 @pytest.mark.parametrize("order", ["layer", "shuffled"])

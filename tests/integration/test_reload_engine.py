@@ -18,9 +18,7 @@ from rlsync.errors import EngineNotReady, SyncError
 from rlsync.reload import get_capture, reload_weights
 from rlsync.source import ModuleSource
 from rlsync.source.base import WeightSource
-from tests.conftest import perturb
-from tests.integration.conftest import make_engine
-from tests.integration.test_reload_differential import kernel_bits
+from tests.integration.support import kernel_bits, make_engine, perturb
 
 
 class ListSource(WeightSource):

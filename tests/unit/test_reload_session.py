@@ -9,7 +9,7 @@ from torch import nn
 
 from rlsync.errors import ConfigError, SyncError
 from rlsync.reload import ONLINE_RELOAD_QUANT_CONFIGS, Reload, reload_weights
-from tests.unit.test_reload_toys import (
+from tests.unit.support import (
     IN,
     SHARDS,
     ToyArrivalQuant,
