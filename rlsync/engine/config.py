@@ -75,7 +75,7 @@ class EngineConfig:
     """With `quantization: rlsync_fp8`: other plugin keys, e.g. `block: [128, 128]`, `kernel: emulated`."""
     reject_nonfinite: bool = True
     """Fail a sync that receives NaN or Inf (FP8 layers: free, from the quantizer's scales; other tensors: one
-    pass). False is an explicit opt-out; every sync then also drops the whole KV cache."""
+    pass). False is an explicit opt-out; the sync after each unchecked one then zeroes the whole KV cache."""
     trust_remote_code: bool = False
     """Let vLLM run Python code shipped in the model directory (off; set only for models you trust)."""
     llm_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)

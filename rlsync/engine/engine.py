@@ -117,6 +117,8 @@ class VLLMEngine:
         """Serializes sync / generate / score / sleep / wake_up: a caller waits for the one in flight."""
         self._kv_asleep = False
         self._kv_dirty = False
+        self._kv_suspect = False
+        """The weights in use were loaded without the NaN / Inf check: the next sync zeroes the KV cache."""
         self._check_seconds = 0.0
         self.state = EngineState.READY
         self.step = 0
@@ -154,7 +156,6 @@ class VLLMEngine:
         if not isinstance(source, WeightSource):
             # cast on the trainer side, one group at a time: the engine loads bf16 anyway
             source = source_for(source, dtype=getattr(torch, self.config.dtype))
-        recovering = self.state is EngineState.FAILED
         self.state = EngineState.SYNCING
         received: set[str] = set()
         counts = {"bytes": 0, "groups": 0}
@@ -178,10 +179,11 @@ class VLLMEngine:
             self.backend.commit()
             committed = True
             self._check_scales()
-            if recovering or not self.config.reject_nonfinite:
-                self._clear_kv_cache()  # blocks computed from bad weights may linger
+            if self._kv_suspect:
+                self._clear_kv_cache()  # the old weights were never checked for NaN / Inf: their KV may be poisoned
             else:
                 vllm_engine.reset_prefix_cache(self.llm)  # cached prefixes came from the old weights
+            self._kv_suspect = not self.config.reject_nonfinite
             report = SyncReport(
                 step=step,
                 backend=self.backend.name,
