@@ -152,7 +152,7 @@ class Bench:
     _rlsync_vllm = _rlsync
 
     def _trl(self) -> dict[str, Any]:
-        from rlsync.adapters import vllm_engine, vllm_load
+        from rlsync.adapters import vllm_engine
 
         model = self.engine.model
         for name, param in self.weights:  # trl/generation/vllm_generation.py, sync_weights, colocate
@@ -172,7 +172,7 @@ class Bench:
         return {}
 
     def _native(self, weights: list[tuple[str, torch.Tensor]] | None = None) -> dict[str, Any]:
-        from rlsync.adapters import vllm_engine, vllm_load
+        from rlsync.adapters import vllm_engine
 
         vllm_engine.native_reload_weights(self.engine.llm, iter(weights if weights is not None else self.weights))
         return {}

@@ -213,3 +213,19 @@ def assert_bits_equal(a: dict, b: dict):
     for n in a:
         assert a[n].dtype == b[n].dtype and a[n].shape == b[n].shape, n
         assert torch.equal(a[n].view(torch.uint8) if a[n].dtype == torch.int8 else a[n], b[n].view(torch.uint8) if b[n].dtype == torch.int8 else b[n]), n
+
+
+# ------------------------------------------------------------ FP8 reference tests (unit and vs-vLLM tiers)
+SHAPES = [(256, 256), (300, 200), (7, 130), (129, 1)]
+"""Weight shapes the reference quantizer tests cover (square, ragged, tiny, one column)."""
+
+
+def fp8_bits(t):
+    """Raw bits of an e4m3 (1-byte) or fp32 tensor, for exact comparison."""
+    return t.contiguous().view(torch.uint8 if t.element_size() == 1 else torch.int32)
+
+
+def random_weight(shape, seed=0, std=0.02):
+    """A seeded Gaussian bf16 weight."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
