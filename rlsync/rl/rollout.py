@@ -25,11 +25,13 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from rlsync.engine import EngineConfig
 from rlsync.errors import ConfigError
 from rlsync.rl.logprobs import RolloutBatch, make_batch
 from rlsync.rl.state import step_seed
 from rlsync.source import WeightSource, source_for
-from rlsync.source.base import Group, TensorMeta
+from rlsync.source.base import Group, SourceConfig, TensorMeta
+from rlsync.trainer import TrainerConfig
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -93,13 +95,16 @@ class ProgressSource(WeightSource):
         self._num_groups = count  # known after the first sync; later bars show a total
 
 
-def sync_source(policy: torch.nn.Module, engine_dtype: str, *, progress: bool, bucket_bytes: int | None = None,
-                timeout_s: float = 300.0) -> WeightSource:
-    """The source a recipe syncs from: `source_for(policy)` cast to the engine dtype, with a bar.
+def source_config(engine: EngineConfig, trainer: TrainerConfig) -> SourceConfig:
+    """How a recipe's source gathers: cast to the engine dtype, the `trainer:` section's gather budget and
+    lockstep timeout."""
+    return SourceConfig(dtype=getattr(torch, engine.dtype), bucket_bytes=trainer.bucket_bytes, timeout_s=trainer.timeout_s)
+
+
+def sync_source(policy: torch.nn.Module, config: SourceConfig, *, progress: bool) -> WeightSource:
+    """The source a recipe syncs from: `source_for(policy, config)` with a progress bar.
 
     `policy` is the trainer's model as its backend wraps it (plain, DDP, FSDP1/2,
-    a DeepSpeed engine); `bucket_bytes` and `timeout_s` are the `trainer:`
-    section's gather budget and lockstep timeout.
+    a DeepSpeed engine).
     """
-    inner = source_for(policy, dtype=getattr(torch, engine_dtype), bucket_bytes=bucket_bytes, timeout_s=timeout_s)
-    return ProgressSource(inner, enabled=progress)
+    return ProgressSource(source_for(policy, config), enabled=progress)

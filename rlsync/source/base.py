@@ -22,6 +22,8 @@ import abc
 import dataclasses
 from collections.abc import Iterator
 
+from typing import Any
+
 import torch
 
 Group = list[tuple[str, torch.Tensor]]
@@ -89,14 +91,11 @@ class GatherStats:
 class WeightSource(abc.ABC):
     """Yields a trainer model's full weights, one layer group at a time."""
 
-    def __init__(
-        self,
-        *,
-        dtype: torch.dtype | None = None,
-        bucket_bytes: int | None = None,
-        timeout_s: float = 300.0,
-    ) -> None:
-        self.config = SourceConfig(dtype=dtype, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+    def __init__(self, config: SourceConfig | None = None, /, **options: Any) -> None:
+        """Built from a `SourceConfig`, or from its keys (`dtype`, `bucket_bytes`, `timeout_s`)."""
+        if config is not None and options:
+            raise ValueError(f"pass a SourceConfig or its keys, not both ({sorted(options)})")
+        self.config = config if config is not None else SourceConfig(**options)
         self.stats = GatherStats()
 
     @property

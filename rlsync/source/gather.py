@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from rlsync.source.base import Group, TensorMeta, WeightSource
+from rlsync.source.base import Group, SourceConfig, TensorMeta, WeightSource
 from rlsync.source.lockstep import Lockstep, LockstepError, distributed_world
 from rlsync.source.lora import LoraPlan, lora_plan, merged_weight
 from rlsync.source.names import group_key, hf_name, is_trainer_only
@@ -104,8 +104,9 @@ class GatheringSource(WeightSource):
     #: Whether `_gather`/`_scope` run collectives (then ranks check lockstep before each).
     collective: bool = False
 
-    def __init__(self, model: torch.nn.Module, *, lora: LoraPlan | None = None, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, model: torch.nn.Module, config: SourceConfig | None = None, /, *, lora: LoraPlan | None = None,
+                 **options: Any) -> None:
+        super().__init__(config, **options)
         self.model = model
         self.lora = lora if lora is not None else lora_plan(model)
 

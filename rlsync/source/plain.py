@@ -14,19 +14,22 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from rlsync.source.base import SourceConfig
 from rlsync.source.gather import Entry, GatheringSource
 
 
 class ModuleSource(GatheringSource):
     """Weights of a module with local parameters (unwraps DDP's `.module`)."""
 
-    def __init__(self, model: nn.Module, **options) -> None:
+    def __init__(self, model: nn.Module, config: SourceConfig | None = None, /, **options: Any) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        super().__init__(model, **options)
+        super().__init__(model, config, **options)
 
     def _entries(self) -> list[Entry]:
         return [

@@ -21,16 +21,20 @@ from typing import Any
 
 from torch import nn
 
-from rlsync.source.base import WeightSource
+from rlsync.source.base import SourceConfig, WeightSource
 from rlsync.source.fsdp import FSDP1Source, FSDP2Source, is_fsdp1, is_fsdp2
 from rlsync.source.plain import ModuleSource
 from rlsync.source.zero import Zero3Source, has_zero3_params, is_deepspeed_engine
 
 
-def source_for(model: nn.Module | WeightSource, **options: Any) -> WeightSource:
-    """The `WeightSource` for `model`; `options` are `SourceConfig` fields (dtype, bucket_bytes, timeout_s)."""
+def source_for(model: nn.Module | WeightSource, config: SourceConfig | None = None, /, **options: Any) -> WeightSource:
+    """The `WeightSource` for `model`, built from `config` (or its fields as `options`: dtype, bucket_bytes, timeout_s)."""
     if isinstance(model, WeightSource):
         return model
+    if config is not None:
+        if options:
+            raise ValueError(f"pass a SourceConfig or its keys, not both ({sorted(options)})")
+        options = {"dtype": config.dtype, "bucket_bytes": config.bucket_bytes, "timeout_s": config.timeout_s}
     if not isinstance(model, nn.Module):
         raise TypeError(f"source_for expects an nn.Module or a WeightSource, got {type(model).__name__}")
     if is_deepspeed_engine(model):
