@@ -1,7 +1,10 @@
 """Trainer side: `WeightSource` implementations and `source_for(model)`.
 
-Importing this package imports torch only; DeepSpeed and PEFT are looked at
-only when a model uses them.
+Owns: `WeightSource`, `SourceConfig` (every source is built from one),
+`source_for`, name mapping to checkpoint names, the lockstep protocol.
+May import: `rlsync.errors` only (no engine, reload or quant: it yields plain
+`(name, tensor)` groups). Importing this package imports torch only;
+DeepSpeed and PEFT are looked at only when a model uses them.
 """
 
 from rlsync.source.base import GatherStats, Group, SourceConfig, TensorMeta, WeightSource

@@ -6,8 +6,9 @@
     trainer.stepper.zero_grad(); trainer.stepper.backward(loss); grad_norm = trainer.stepper.step()
     engine.sync(source_for(trainer.model), step)
 
-Importing this package imports torch only; DeepSpeed and PEFT are imported
-when a config asks for them.
+Owns: `TrainerConfig`, process-group setup, wrapping, the steppers.
+May import: `rlsync.errors` only. Importing this package imports torch only;
+DeepSpeed and PEFT are imported when a config asks for them.
 """
 
 from rlsync.trainer.config import DEEPSPEED_BACKENDS, LoraOptions, TrainerConfig, check_trainer_run
