@@ -23,7 +23,10 @@ The design:
    (`weight_loader`, `output_dim`, `input_dim`, `packed_dim`, ...), as specs
    holding no memory. The first reload records the kernel format processing
    produced, hence which tensors processing creates (a reload deletes them)
-   and which layers pass through processing unchanged.
+   and which layers pass through processing unchanged. A kernel tensor that
+   processing left as a plain attribute under a parameter's name (`del
+   layer.weight; layer.weight = t`) is recorded and reloaded into its storage
+   like a kernel parameter.
 2. A `Reload` session (`session.py`, `layer.py`): `begin()` swaps each layer
    back to load format on the meta device, keeping references to its kernel
    tensors; `load(group)` runs vLLM's `model.load_weights` (its name mapping,
@@ -43,7 +46,8 @@ The design:
    dropped, so the old and the new handle never coexist. `commit()` fails unless every layer
    was complete (nothing missing, nothing loaded twice: a second write raises
    at once), restores loaders and re-derives tied followers. `abort()` puts
-   every layer back on its (old) kernel tensors; the engine stays FAILED.
+   every layer back on its (old) kernel tensors; the engine stays FAILED. A
+   `begin()` that fails part-way aborts itself, so no layer stays on meta.
 3. `reload_weights(model, weights=None, *, process_weights_after_loading=True)`
    (`api.py`): one call; `weights=None` reloads the checkpoint from disk;
    `process_weights_after_loading=False` copies kernel-format tensors after
@@ -88,7 +92,8 @@ Limitations:
    fills completes only if the creator declares `weight_loader_numel` (vLLM's
    convention); otherwise commit reports it as not fully loaded (fail closed).
 3. Processing must reproduce the kernel format recorded at load (names, shapes,
-   strides, dtypes, tensor classes); a method whose output shape depends on the values is refused.
+   strides, dtypes, tensor classes, parameter or plain attribute); a method
+   whose output shape depends on the values is refused.
 4. Quantization configs outside `ONLINE_RELOAD_QUANT_CONFIGS` are refused, as
    are attention layers with checkpoint parameters (KV-cache scales). Use the
    `vllm` backend for those.
@@ -105,6 +110,9 @@ Limitations:
    weights in their kernel tensors, and a layer aborted mid-processing may
    have lost its derived state; the engine stays FAILED until a full sync,
    which rebuilds both.
+9. Uninitialized (lazy) parameters and buffers (`torch.nn.UninitializedParameter`,
+   `UninitializedBuffer`) have no shape: like vLLM's reload, the capture skips
+   them, so they are never reloaded and stay on their layer untouched.
 """
 
 from typing import Any

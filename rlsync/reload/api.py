@@ -48,8 +48,8 @@ def reload_weights(
             raise ValueError("weights=None reloads the checkpoint vLLM built the model from, but this model was not built by vLLM")
         weights = vllm_load.checkpoint_weights(vllm_config, model)
     session = Reload(model)
-    session.begin()
     try:
+        session.begin()  # rolls itself back if it fails part-way; aborting again is harmless
         session.load(weights)
         session.commit()
     except BaseException:

@@ -15,7 +15,14 @@ tensor on the meta device or materializes it on demand.
 is what processing creates (`weight_scale`, ...), which a reload deletes
 before loading and recreates by processing again; a layer with no difference
 at all `passes_through` and is reloaded in place. The first reload records it
-if nobody did.
+if nobody did. Processing that leaves a plain (unregistered) tensor attribute
+under a load-format parameter's name (`del layer.weight; layer.weight = t`)
+is recorded too (`KernelSpec.is_attr`), so a reload can move it aside and put
+it back.
+
+Uninitialized (lazy) parameters and buffers (`torch.nn.UninitializedParameter`,
+`UninitializedBuffer`) have no shape to record; like vLLM's reload, the
+capture skips them, so a reload leaves them on their layer untouched.
 
 Captures live in a weak dictionary keyed by the model; attributes that are
 methods bound to the layer (vLLM's `weight_loader`s) are stored unbound, so the
@@ -27,12 +34,27 @@ from __future__ import annotations
 import dataclasses
 import types
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from rlsync.adapters import vllm_load
+
+
+def layer_tensors(layer: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The layer's own (parameters, buffers), without unset (None) and uninitialized (lazy) ones."""
+    return (
+        {n: p for n, p in layer._parameters.items() if p is not None and not is_lazy(p)},
+        {n: b for n, b in layer._buffers.items() if b is not None and not is_lazy(b)},
+    )
+
+
+def plain_tensor_attrs(layer: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Tensors set as plain attributes (neither parameter nor buffer) under `names` on `layer`."""
+    return {n: t for n in names if isinstance(t := layer.__dict__.get(n), torch.Tensor)}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -119,17 +141,23 @@ class KernelSpec:
     dtype: torch.dtype
     cls: type
     is_buffer: bool
+    is_attr: bool = False
+    """A plain tensor attribute (not registered) under a load-format parameter's name."""
 
     @staticmethod
-    def of(tensor: torch.Tensor, *, is_buffer: bool) -> KernelSpec:
+    def of(tensor: torch.Tensor, *, is_buffer: bool, is_attr: bool = False) -> KernelSpec:
         return KernelSpec(
             shape=tuple(tensor.shape), stride=tuple(tensor.stride()), dtype=tensor.dtype, cls=type(tensor),
-            is_buffer=is_buffer,
+            is_buffer=is_buffer, is_attr=is_attr,
         )
+
+    @property
+    def is_param(self) -> bool:
+        return not (self.is_buffer or self.is_attr)
 
     def matches(self, spec: TensorSpec) -> bool:
         """This kernel tensor has exactly the load format `spec` (so loaders can write it in place)."""
-        return (self.shape, self.stride, self.dtype, self.cls, self.is_buffer) == (
+        return self.is_param and (self.shape, self.stride, self.dtype, self.cls, self.is_buffer) == (
             spec.shape, spec.stride, spec.dtype, spec.cls, spec.is_buffer)
 
 
@@ -158,7 +186,10 @@ class LayerCapture:
 
     @property
     def created_by_processing(self) -> set[str]:
-        """Kernel tensors that do not exist in load format (a reload deletes and recreates them)."""
+        """Kernel tensors that do not exist in load format (a reload deletes and recreates them).
+
+        A plain attribute under a parameter's name (`is_attr`) is not among them: it replaces the parameter.
+        """
         if self.kernel is None:
             raise ValueError(f"{self.name}: kernel format not recorded yet")
         return set(self.kernel) - set(self.params) - set(self.buffers)
@@ -172,7 +203,7 @@ class LayerCapture:
         """
         if self.kernel is None:
             raise ValueError(f"{self.name}: kernel format not recorded yet")
-        kernel_params = {n: k for n, k in self.kernel.items() if not k.is_buffer}
+        kernel_params = {n: k for n, k in self.kernel.items() if k.is_param}
         return (
             not self.created_by_processing
             and kernel_params.keys() == self.params.keys()
@@ -201,12 +232,13 @@ _CAPTURES: weakref.WeakKeyDictionary[nn.Module, ModelCapture] = weakref.WeakKeyD
 def capture(model: nn.Module) -> ModelCapture:
     """Record the load format of every module of `model`; call before processing.
 
-    Replaces any earlier capture of the same model.
+    Replaces any earlier capture of the same model. Uninitialized (lazy) tensors are skipped.
     """
     layers = {}
     for name, layer in model.named_modules():
-        params = {n: _spec(n, p, layer, is_buffer=False) for n, p in layer._parameters.items() if p is not None}
-        buffers = {n: _spec(n, b, layer, is_buffer=True) for n, b in layer._buffers.items() if b is not None}
+        own_params, own_buffers = layer_tensors(layer)
+        params = {n: _spec(n, p, layer, is_buffer=False) for n, p in own_params.items()}
+        buffers = {n: _spec(n, b, layer, is_buffer=True) for n, b in own_buffers.items()}
         if params or buffers:
             layers[name] = LayerCapture(
                 name=name, params=params, buffers=buffers, non_persistent=frozenset(layer._non_persistent_buffers_set)
@@ -229,11 +261,19 @@ def get_capture(model: nn.Module) -> ModelCapture:
 
 
 def record_kernel_format(model: nn.Module) -> None:
-    """Record, for every captured module, the tensors processing left; call after processing."""
+    """Record, for every captured module, the tensors processing left; call after processing.
+
+    Parameters, buffers, and tensors processing left as plain attributes under a
+    load-format parameter's name; uninitialized (lazy) tensors are skipped.
+    """
     result = get_capture(model)
     for name, layer in model.named_modules():
-        if name not in result.layers:
+        spec = result.layers.get(name)
+        if spec is None:
             continue
-        kernel = {n: KernelSpec.of(p, is_buffer=False) for n, p in layer._parameters.items() if p is not None}
-        kernel.update({n: KernelSpec.of(b, is_buffer=True) for n, b in layer._buffers.items() if b is not None})
-        result.layers[name].kernel = kernel
+        params, buffers = layer_tensors(layer)
+        kernel = {n: KernelSpec.of(p, is_buffer=False) for n, p in params.items()}
+        kernel.update({n: KernelSpec.of(b, is_buffer=True) for n, b in buffers.items()})
+        attrs = plain_tensor_attrs(layer, spec.params)
+        kernel.update({n: KernelSpec.of(t, is_buffer=False, is_attr=True) for n, t in attrs.items()})
+        spec.kernel = kernel

@@ -21,6 +21,12 @@ CPU the oneDNN handle) is rebuilt from the new values.
 Both guard the layer once it is complete: a further load raises instead of
 silently overwriting kernel storage. Every loader attribute they change is
 restored by `LoaderPatches.restore()`.
+
+Kernel tensors that processing left as plain attributes under a load-format
+parameter's name (`del layer.weight; layer.weight = t`, recorded as
+`KernelSpec.is_attr`) are moved aside like kernel parameters, filled the same
+way (copy into their storage) and set back as plain attributes. Uninitialized
+(lazy) tensors are not captured and never leave the layer.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlsync.adapters import vllm_layers, vllm_load
 from rlsync.errors import SyncError
-from rlsync.reload.capture import LayerCapture, TensorSpec
+from rlsync.reload.capture import LayerCapture, TensorSpec, layer_tensors, plain_tensor_attrs
 
 
 class LiveBytes:
@@ -120,8 +126,9 @@ class SwappedLayer:
 
     def __init__(self, name: str, layer: nn.Module, spec: LayerCapture, live: LiveBytes, patches: LoaderPatches) -> None:
         self.name, self.layer, self.spec, self.live, self.patches = name, layer, spec, live, patches
-        self.kernel_params = {n: p for n, p in layer._parameters.items() if p is not None}
-        self.kernel_buffers = {n: b for n, b in layer._buffers.items() if b is not None}
+        self.kernel_params, self.kernel_buffers = layer_tensors(layer)
+        self.kernel_attrs = plain_tensor_attrs(layer, spec.params)
+        """Kernel tensors processing left as plain attributes under a parameter's name."""
         self.non_persistent = set(layer._non_persistent_buffers_set)
         self.loaders: dict[str, Callable] = {}
         self.loaded = {n: 0 for n in spec.params}
@@ -133,9 +140,11 @@ class SwappedLayer:
 
     # ------------------------------------------------------------ begin
     def swap_out(self) -> None:
-        """Kernel parameters aside; load-format parameters on meta with counting loaders."""
+        """Kernel parameters and plain kernel attributes aside; load-format parameters on meta, counting loaders."""
         for n in self.kernel_params:
             del self.layer._parameters[n]
+        for n in self.kernel_attrs:
+            del self.layer.__dict__[n]
         for n, spec in self.spec.params.items():
             self.loaders[n] = self._make_loader(n)
             meta = spec.build(self.layer, "meta")
@@ -187,8 +196,8 @@ class SwappedLayer:
         for pname, spec in self.spec.params.items():
             self._materialize(pname, spec)  # tensors with no checkpoint data (declared padding)
         vllm_layers.process_layer(self.layer)
-        for n, kernel in self.kernel_params.items():
-            self._copy_into(n, kernel, self.layer._parameters.get(n))
+        for n, kernel in (self.kernel_params | self.kernel_attrs).items():
+            self._copy_into(n, kernel, self._processed(n))
         for n, kernel in self.kernel_buffers.items():
             current = self.layer._buffers.get(n)
             if current is not None and current is not kernel:
@@ -197,6 +206,11 @@ class SwappedLayer:
         self.done = True
         for tensor in self.kernel_params.values():
             self.patches.set(tensor, self._closed_loader)
+
+    def _processed(self, n: str) -> torch.Tensor | None:
+        """What processing left under `n`: a parameter, or a plain tensor attribute."""
+        param = self.layer._parameters.get(n)
+        return param if param is not None else plain_tensor_attrs(self.layer, [n]).get(n)
 
     def _copy_into(self, n: str, kernel: torch.Tensor, new: torch.Tensor | None) -> None:
         if new is None:
@@ -213,14 +227,20 @@ class SwappedLayer:
             kernel.data.copy_(new.data)
 
     def _place_kernel_tensors(self) -> None:
-        for n in [n for n, p in self.layer._parameters.items() if p is not None]:
+        params, buffers = layer_tensors(self.layer)  # lazy tensors never left the layer: they stay
+        for n in params:
             del self.layer._parameters[n]
-        for n in [n for n, b in self.layer._buffers.items() if b is not None and n not in self.kernel_buffers]:
+        for n in [n for n in buffers if n not in self.kernel_buffers]:
             del self.layer._buffers[n]  # created by processing this time, absent from the kernel format
+        names = set(self.spec.params) | set(self.kernel_params) | set(self.kernel_attrs)
+        for n in plain_tensor_attrs(self.layer, names):
+            del self.layer.__dict__[n]  # left by processing this time; would block `register_parameter`
         for n, p in self.kernel_params.items():
             self.layer.register_parameter(n, p)
         for n, b in self.kernel_buffers.items():
             self.layer._buffers[n] = b
+        for n, t in self.kernel_attrs.items():
+            self.layer.__dict__[n] = t
         self.layer._non_persistent_buffers_set.clear()
         self.layer._non_persistent_buffers_set.update(self.non_persistent)
         self.live.release(sum(self.spec.params[n].nbytes for n in self.materialized))
@@ -289,9 +309,8 @@ class ArrivalLayer:
 
     def swap_out(self) -> None:
         """Nothing leaves the layer; its kernel tensors' loaders are wrapped to count."""
-        for pname, tensor in self.layer._parameters.items():
-            if tensor is not None:
-                self.patches.set(tensor, self._make_loader(pname, _loader_of(tensor, self.layer)))
+        for pname, tensor in layer_tensors(self.layer)[0].items():
+            self.patches.set(tensor, self._make_loader(pname, _loader_of(tensor, self.layer)))
 
     def _make_loader(self, pname: str, original: Callable) -> Callable:
         def rlsync_arrival_loader(*args: Any, **kwargs: Any) -> Any:

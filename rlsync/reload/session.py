@@ -5,7 +5,8 @@ layer to load format (see `rlsync.reload.layer`); `load(group)` runs vLLM's
 `model.load_weights` on the group, whose loaders now fill, process and copy
 back each layer the moment it is complete; `commit()` checks that every layer
 was complete, restores loaders and re-derives tied followers; `abort()` puts
-every layer back on its kernel tensors.
+every layer back on its kernel tensors. A `begin()` that fails part-way aborts
+itself, so no layer is left on the meta device.
 
 Which layers take part:
 - a module with captured parameters is swapped (`SwappedLayer`), unless
@@ -28,7 +29,14 @@ from torch import nn
 from rlsync.adapters import vllm_engine, vllm_layers
 from rlsync.errors import ConfigError, SyncError
 from rlsync.reload.backend import ReloadBackend, Weights
-from rlsync.reload.capture import KernelSpec, ModelCapture, get_capture, record_kernel_format
+from rlsync.reload.capture import (
+    LayerCapture,
+    ModelCapture,
+    get_capture,
+    layer_tensors,
+    plain_tensor_attrs,
+    record_kernel_format,
+)
 from rlsync.reload.layer import ArrivalLayer, InPlaceLayer, LiveBytes, LoaderPatches, SwappedLayer
 from rlsync.reload.support import check_supported
 
@@ -96,21 +104,25 @@ class Reload(ReloadBackend):
         plan = self._plan()
         modules = dict(self.model.named_modules())
         for name, spec, _ in plan:
-            _check_kernel_format(name, modules[name], spec.kernel)
+            _check_kernel_format(name, modules[name], spec)
         self.live = LiveBytes()
         self.peak_live_bytes = 0
         self.loaded_names = set()
         self.layers = []
         self.open = True
-        for name, spec, kind in plan:
-            if kind == "swap":
-                session = SwappedLayer(name, modules[name], spec, self.live, self.patches)
-            elif kind == "in_place":
-                session = InPlaceLayer(name, modules[name], spec, self.live, self.patches)
-            else:
-                session = ArrivalLayer(name, modules[name], spec, self.patches)
-            session.swap_out()
-            self.layers.append(session)
+        try:
+            for name, spec, kind in plan:
+                if kind == "swap":
+                    session = SwappedLayer(name, modules[name], spec, self.live, self.patches)
+                elif kind == "in_place":
+                    session = InPlaceLayer(name, modules[name], spec, self.live, self.patches)
+                else:
+                    session = ArrivalLayer(name, modules[name], spec, self.patches)
+                self.layers.append(session)  # before swapping: a layer that fails half-way is restored too
+                session.swap_out()
+        except BaseException:
+            self.abort()  # every layer swapped so far back on its kernel tensors, loaders restored
+            raise
 
     def load(self, group: Weights) -> None:
         if not self.open:
@@ -143,11 +155,13 @@ class Reload(ReloadBackend):
         self.peak_live_bytes = self.live.peak
 
 
-def _check_kernel_format(name: str, layer: nn.Module, kernel: dict[str, KernelSpec] | None) -> None:
-    """The layer still holds the kernel tensors processing produced at load (or the first reload)."""
-    assert kernel is not None
-    current = {n: (tuple(p.shape), tuple(p.stride()), p.dtype, type(p)) for n, p in layer._parameters.items() if p is not None}
-    recorded = {n: (k.shape, k.stride, k.dtype, k.cls) for n, k in kernel.items() if not k.is_buffer}
+def _check_kernel_format(name: str, layer: nn.Module, spec: LayerCapture) -> None:
+    """The layer still holds the kernel tensors processing produced at load (or the first reload):
+    its parameters and the plain tensor attributes under load-format parameter names."""
+    assert spec.kernel is not None
+    tensors = layer_tensors(layer)[0] | plain_tensor_attrs(layer, spec.params)
+    current = {n: (tuple(p.shape), tuple(p.stride()), p.dtype, type(p)) for n, p in tensors.items()}
+    recorded = {n: (k.shape, k.stride, k.dtype, k.cls) for n, k in spec.kernel.items() if not k.is_buffer}
     if current != recorded:
         raise SyncError(
             f"{name}: parameters {current} differ from the kernel format recorded after load {recorded}; "
