@@ -35,14 +35,12 @@ from rlsync.rl.checks import check_run
 from rlsync.rl.grpo import GRPOHParams, group_advantages, grpo_update
 from rlsync.rl.optim import build_optimizer
 from rlsync.rl.resume import Checkpointer, is_rank0
-from rlsync.rl.rollout import SyncConfig, collect, sync_source
-from rlsync.rl.run import RunConfig, RunDir
+from rlsync.rl.rollout import SyncConfig, collect, source_config, sync_source
+from rlsync.rl.run import RunConfig, RunDir, trainer_group
 from rlsync.rl.state import TrainState, trainer_rank
 from rlsync.rl.tasks import TaskConfig, make_task
 from rlsync.rl.trainer_model import ModelConfig, frozen_copy, load_trainer_model, require_model_path, trainer_device
-from rlsync.trainer import (
-    TrainerConfig, check_trainer_run, mean_over_ranks, setup_distributed, teardown_distributed, wrap,
-)
+from rlsync.trainer import TrainerConfig, check_trainer_run, mean_over_ranks, wrap
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -79,10 +77,16 @@ class GRPOConfig:
 def main(cfg: GRPOConfig) -> RunDir:
     require_model_path(cfg.model)
     cfg.validate()  # again, now with the model's config.json on disk
+    # the trainer's group first: vLLM sets up its own world of one in this process when the engine is built
+    with trainer_group(cfg.trainer), RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0()) as run:
+        train(cfg, run)  # the run is closed (TensorBoard flushed) also when training raises
+    return run
+
+
+def train(cfg: GRPOConfig, run: RunDir) -> None:
+    """Build the trainer, the task and the engine, then run (or resume) the GRPO loop into `run`."""
     hp = cfg.grpo
-    setup_distributed(cfg.trainer)  # before the engine: vLLM sets up its own world of one in this process
     torch.manual_seed(cfg.run.seed)
-    run = RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0())
     policy, model_path, tokenizer = load_trainer_model(cfg.model)
     device = trainer_device(cfg.model)
     reference = frozen_copy(policy) if hp.kl_coef > 0 else None
@@ -96,8 +100,7 @@ def main(cfg: GRPOConfig) -> RunDir:
     task = make_task(cfg.task, seed=seed)
     state = TrainState(modules={"policy": trainer.model}, optimizers=trainer.optimizers, task=task)
     engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
-    source = sync_source(trainer.model, cfg.engine.dtype, progress=cfg.run.progress and is_rank0(),
-                         bucket_bytes=cfg.trainer.bucket_bytes, timeout_s=cfg.trainer.timeout_s)
+    source = sync_source(trainer.model, source_config(cfg.engine, cfg.trainer), progress=cfg.run.progress and is_rank0())
     ckpt = Checkpointer(run, cfg.run, state)
     start = ckpt.resume(engine, source) if cfg.resume else ckpt.start()
 
@@ -108,7 +111,7 @@ def main(cfg: GRPOConfig) -> RunDir:
                           max_tokens=hp.max_tokens, temperature=hp.temperature, seed=seed, step=step,
                           device=device)
         advantages = group_advantages(rollout.rewards, hp.group_size)
-        metrics = grpo_update(trainer.model, trainer.stepper, rollout.batch, advantages, hp, reference)
+        metrics = grpo_update(trainer.model, trainer.stepper, rollout.batch, advantages, hp, reference, step=step)
         verify = cfg.sync.verify_every > 0 and step % cfg.sync.verify_every == 0
         report = engine.sync(source, step=step, verify=verify)
         metrics.update(reward=float(rollout.rewards.mean()), step_seconds=time.perf_counter() - t0, **report.metrics())
@@ -116,6 +119,3 @@ def main(cfg: GRPOConfig) -> RunDir:
         run.log(step, metrics)
         ckpt.maybe_save(step, final=step == hp.steps)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", sync_s=f"{report.seconds:.3f}")
-    run.close()
-    teardown_distributed()
-    return run

@@ -35,14 +35,12 @@ from rlsync.rl.checks import check_run
 from rlsync.rl.optim import build_optimizer
 from rlsync.rl.ppo import PPOHParams, ValueHead, ppo_update
 from rlsync.rl.resume import Checkpointer, is_rank0
-from rlsync.rl.rollout import SyncConfig, collect, sync_source
-from rlsync.rl.run import RunConfig, RunDir
+from rlsync.rl.rollout import SyncConfig, collect, source_config, sync_source
+from rlsync.rl.run import RunConfig, RunDir, trainer_group
 from rlsync.rl.state import TrainState, trainer_rank
 from rlsync.rl.tasks import TaskConfig, make_task
 from rlsync.rl.trainer_model import ModelConfig, frozen_copy, load_trainer_model, require_model_path, trainer_device
-from rlsync.trainer import (
-    TrainerConfig, check_trainer_run, mean_over_ranks, setup_distributed, teardown_distributed, wrap,
-)
+from rlsync.trainer import TrainerConfig, check_trainer_run, mean_over_ranks, wrap
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -79,10 +77,16 @@ class PPOConfig:
 def main(cfg: PPOConfig) -> RunDir:
     require_model_path(cfg.model)
     cfg.validate()  # again, now with the model's config.json on disk
+    # the trainer's group first: vLLM sets up its own world of one in this process when the engine is built
+    with trainer_group(cfg.trainer), RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0()) as run:
+        train(cfg, run)  # the run is closed (TensorBoard flushed) also when training raises
+    return run
+
+
+def train(cfg: PPOConfig, run: RunDir) -> None:
+    """Build the trainer, the task and the engine, then run (or resume) the PPO loop into `run`."""
     hp = cfg.ppo
-    setup_distributed(cfg.trainer)  # before the engine: vLLM sets up its own world of one in this process
     torch.manual_seed(cfg.run.seed)
-    run = RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0())
     policy, model_path, tokenizer = load_trainer_model(cfg.model)
     device = trainer_device(cfg.model)
     reference = frozen_copy(policy) if hp.kl_coef > 0 else None
@@ -100,8 +104,7 @@ def main(cfg: PPOConfig) -> RunDir:
     state = TrainState(modules={"policy": trainer.model, "value_head": value_head},
                        optimizers={**trainer.optimizers, "value_head": value_optimizer}, task=task)
     engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
-    source = sync_source(trainer.model, cfg.engine.dtype, progress=cfg.run.progress and is_rank0(),
-                         bucket_bytes=cfg.trainer.bucket_bytes, timeout_s=cfg.trainer.timeout_s)
+    source = sync_source(trainer.model, source_config(cfg.engine, cfg.trainer), progress=cfg.run.progress and is_rank0())
     ckpt = Checkpointer(run, cfg.run, state)
     start = ckpt.resume(engine, source) if cfg.resume else ckpt.start()
 
@@ -112,7 +115,7 @@ def main(cfg: PPOConfig) -> RunDir:
                           max_tokens=hp.max_tokens, temperature=hp.temperature, seed=seed, step=step,
                           device=device)
         metrics = ppo_update(trainer.model, value_head, trainer.stepper, rollout.batch, rollout.rewards, hp,
-                             reference)
+                             reference, step=step)
         verify = cfg.sync.verify_every > 0 and step % cfg.sync.verify_every == 0
         report = engine.sync(source, step=step, verify=verify)
         metrics.update(reward=float(rollout.rewards.mean()), step_seconds=time.perf_counter() - t0, **report.metrics())
@@ -120,6 +123,3 @@ def main(cfg: PPOConfig) -> RunDir:
         run.log(step, metrics)
         ckpt.maybe_save(step, final=step == hp.steps)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", value_loss=f"{metrics['value_loss']:.4f}")
-    run.close()
-    teardown_distributed()
-    return run

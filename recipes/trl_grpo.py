@@ -21,11 +21,12 @@ from typing import Any, Literal
 import torch
 from transformers import TrainerCallback
 
+from rlsync.config.bounds import check_bounds
 from rlsync.errors import ConfigError
 from rlsync.integrations.trl import RLSyncCallback, RLSyncConfig
 from rlsync.rl.run import RunConfig, RunDir
 from rlsync.rl.tasks import TaskConfig, VowelTask, make_task
-from rlsync.rl.trainer_model import ModelConfig, load_trainer_model
+from rlsync.rl.trainer_model import ModelConfig, load_trainer_model, require_model_path
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -98,6 +99,7 @@ class TrlGRPOConfig:
     """Engine layout, reload backend and sync verification."""
 
     def validate(self) -> None:
+        check_bounds("trl", self.trl, TRL_BOUNDS)
         if self.trl.per_device_train_batch_size % self.trl.num_generations:
             raise ConfigError(
                 f"trl.per_device_train_batch_size ({self.trl.per_device_train_batch_size}) must be a multiple "
@@ -105,6 +107,13 @@ class TrlGRPOConfig:
             )
         if self.lora.r < 0:
             raise ConfigError(f"lora.r must be >= 0, got {self.lora.r}")
+
+
+# The interval each number makes sense in (`rlsync.config.bounds`); trl checks the rest of its own arguments.
+TRL_BOUNDS = {
+    "temperature": "(0, 10]", "learning_rate": "(0, 1]", "beta": "[0, 10]",
+    "vllm_importance_sampling_clip_max": "(0, inf)",
+}
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -124,20 +133,21 @@ def main(cfg: TrlGRPOConfig) -> TrlRun:
     from trl import GRPOConfig, GRPOTrainer
 
     callback = RLSyncCallback(cfg.rlsync)  # first: fails fast on an unsupported trl
+    require_model_path(cfg.model)  # before the run directory is written
     torch.manual_seed(cfg.run.seed)
-    run = RunDir(cfg.run, cfg)
-    policy, _, tokenizer = load_trainer_model(cfg.model)
-    task = make_task(cfg.task, seed=cfg.run.seed)
-    trainer = GRPOTrainer(
-        model=policy,
-        reward_funcs=vowel_reward,
-        args=GRPOConfig(**_grpo_args(cfg, run.path)),
-        train_dataset=Dataset.from_dict({"prompt": task.prompts(cfg.trl.num_prompts)}),
-        processing_class=tokenizer,
-        peft_config=_peft_config(cfg.lora),
-        callbacks=[callback, _MetricsFile(run)],
-    )
-    trainer.train()
+    with RunDir(cfg.run, cfg) as run:  # closed also when training raises
+        policy, _, tokenizer = load_trainer_model(cfg.model)
+        task = make_task(cfg.task, seed=cfg.run.seed)
+        trainer = GRPOTrainer(
+            model=policy,
+            reward_funcs=vowel_reward,
+            args=GRPOConfig(**_grpo_args(cfg, run.path)),
+            train_dataset=Dataset.from_dict({"prompt": task.prompts(cfg.trl.num_prompts)}),
+            processing_class=tokenizer,
+            peft_config=_peft_config(cfg.lora),
+            callbacks=[callback, _MetricsFile(run)],
+        )
+        trainer.train()
     return TrlRun(path=run.path, trainer=trainer, callback=callback)
 
 

@@ -5,7 +5,9 @@
     rlsync plot RUN_DIR [--out PNG]
 
 The config's `recipe:` key names the recipe; the recipe module's config
-dataclass validates every key and type before any work starts. Multi-process
+dataclass validates every key and type before any work starts. Exit status: 0
+done, 2 config error (nothing run), 1 the run stopped (`DivergenceError`: the
+loss or gradients became non-finite; `CheckpointError`: no checkpoint to trust). Multi-process
 runs go through `torchrun` / `deepspeed` launching `rlsync run` (or
 `python -m rlsync.cli run`), never a launcher of our own.
 """
@@ -17,10 +19,9 @@ import importlib
 import sys
 from pathlib import Path
 
-import yaml
-
 from rlsync.config import load_config
-from rlsync.errors import ConfigError
+from rlsync.config.loader import read_yaml
+from rlsync.errors import CheckpointError, ConfigError, DivergenceError
 
 # recipe name -> module with `CONFIG` (config dataclass) and `main(config)`
 RECIPES = {
@@ -33,10 +34,7 @@ RECIPES = {
 def load_recipe_config(path: str | Path, overrides: list[str] | None = None):
     """(recipe module, validated config) for a YAML config file."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    with path.open() as f:
-        raw = yaml.safe_load(f) or {}
+    raw = read_yaml(path) or {}
     recipe = next((v.partition("=")[2] for v in overrides or [] if v.startswith("recipe=")), None)
     recipe = recipe or (raw.get("recipe") if isinstance(raw, dict) else None)
     if recipe not in RECIPES:
@@ -78,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # checks that need the model or run directory on disk
         print(f"rlsync: config error: {exc}", file=sys.stderr)
         return 2
+    except (DivergenceError, CheckpointError) as exc:  # the run stopped; what it wrote before is intact
+        print(f"rlsync: run stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if result is not None and hasattr(result, "path"):
         print(f"rlsync: run directory {result.path}")
     return 0

@@ -1,7 +1,9 @@
 """Project error types: what a user can get wrong or must react to.
 
 `ValueError` subclasses are for bad input; `EngineNotReady` is for an engine
-that refuses to sample because its weights are not from one complete sync.
+that refuses to sample because its weights are not from one complete sync;
+`DivergenceError` stops a run whose loss or gradients stopped being finite;
+`CheckpointError` refuses a checkpoint that cannot be trusted.
 """
 
 
@@ -19,3 +21,11 @@ class SyncError(RLSyncError):
 
 class EngineNotReady(RLSyncError):
     """The engine's weights are not from one complete sync, so it refuses to sample."""
+
+
+class DivergenceError(RLSyncError):
+    """The loss or gradient norm became NaN or infinite; the run stops before the weights are touched."""
+
+
+class CheckpointError(RLSyncError):
+    """A checkpoint cannot be trusted: damaged, not loadable as plain data, or outside its run directory."""

@@ -4,16 +4,19 @@ Why strict: a typo in an RL config (`grpo.lr_rate`) silently running with the
 default wastes hours. Every unknown key is an error with a suggestion, every
 value is checked against its field's type, and errors name the full dotted key.
 
-Supported field types: bool, int, float (ints accepted), str, `X | None`,
-`Literal[...]`, `list[X]`, `dict[str, X]`, `Any`, and nested dataclasses.
+Supported field types: bool, int, float (ints accepted; NaN and infinities
+refused), str, `X | None`, `Literal[...]`, `list[X]`, `dict[str, X]`, `Any`,
+and nested dataclasses (ranges per field: `rlsync.config.bounds`).
 Overrides use dotted keys with YAML-parsed values: `grpo.steps=5`,
-`engine.quantization=null`.
+`engine.quantization=null`. A malformed file or a `!!python/...` tag is a
+`ConfigError` naming the file and line (`read_yaml`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -27,14 +30,40 @@ from rlsync.errors import ConfigError
 def load_config(cls: type, path: str | Path, overrides: list[str] | None = None):
     """Load `path` (YAML) into dataclass `cls`, applying `key=value` overrides first."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     data = apply_overrides(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The plain data in YAML file `path`; a `ConfigError` naming the file and line for anything else.
+
+    `yaml.safe_load` never builds Python objects; a `!!python/...` tag is
+    refused here with the line it is on, instead of a raw yaml traceback.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with path.open(encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_message(path, exc)) from exc
+
+
+def _yaml_message(path: Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        return (f"{where}: {problem}; a config holds plain data (mappings, lists, numbers, strings), "
+                f"so Python tags such as !!python/object are refused")
+    context = getattr(exc, "context", None)
+    return f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
@@ -148,6 +177,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+from rlsync.config.bounds import check_bounds
 from rlsync.errors import ConfigError
 from rlsync.rl.logprobs import RolloutBatch, token_logprobs
 from rlsync.rl.optim import check_optimizer
-from rlsync.trainer.stepper import Stepper, TorchStepper
+from rlsync.trainer.stepper import Stepper, TorchStepper, check_loss
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -62,16 +63,15 @@ class GRPOHParams:
                 raise ConfigError(f"grpo.{key} must be >= 1, got {getattr(self, key)}")
         if self.group_size < 2:
             raise ConfigError(f"grpo.group_size must be >= 2 (advantages need a group), got {self.group_size}")
-        if self.temperature <= 0:
-            raise ConfigError(f"grpo.temperature must be > 0, got {self.temperature}")
-        if self.is_cap is not None and self.is_cap < 1:
-            raise ConfigError(f"grpo.is_cap must be >= 1 or null, got {self.is_cap}")
-        if self.kl_coef < 0:
-            raise ConfigError(f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
-        if self.lr <= 0 or self.clip_ratio <= 0 or self.max_grad_norm <= 0:
-            raise ConfigError("grpo.lr, grpo.clip_ratio and grpo.max_grad_norm must be > 0, "
-                              f"got {self.lr}, {self.clip_ratio}, {self.max_grad_norm}")
-        check_optimizer(self.optimizer, self.optimizer_kwargs, "grpo", self.weight_decay)
+        check_bounds("grpo", self, GRPO_BOUNDS)
+        check_optimizer(self.optimizer, self.optimizer_kwargs, "grpo", self.weight_decay, lr=self.lr)
+
+
+# The interval each number makes sense in (`rlsync.config.bounds`); NaN and infinities never pass.
+GRPO_BOUNDS = {
+    "temperature": "(0, 10]", "lr": "(0, 1]", "weight_decay": "[0, 1]", "max_grad_norm": "(0, inf)",
+    "clip_ratio": "(0, 1]", "kl_coef": "[0, 10]", "is_cap": "[1, inf)",
+}
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -123,11 +123,14 @@ def grpo_update(
     advantages: torch.Tensor,
     hp: GRPOHParams,
     ref_model: torch.nn.Module | None = None,
+    *,
+    step: int | None = None,
 ) -> dict[str, float]:
     """`hp.updates_per_step` gradient steps on one batch; returns metrics of the first.
 
     `optimizer` is the trainer backend's `Stepper` (`rlsync.trainer.wrap`), or a
-    plain torch optimizer for a model in one process.
+    plain torch optimizer for a model in one process. A non-finite loss or
+    gradient norm raises `DivergenceError` naming `step` before any weight changes.
     """
     stepper = optimizer if isinstance(optimizer, Stepper) else TorchStepper(
         model, [optimizer], max_grad_norm=hp.max_grad_norm)
@@ -140,9 +143,10 @@ def grpo_update(
     for i in range(hp.updates_per_step):
         logp = token_logprobs(model, batch, hp.temperature)
         loss, stats = policy_loss(logp, old_logp, advantages, batch, hp, ref_logp)
+        loss_value = check_loss(loss, step)
         stepper.zero_grad()
         stepper.backward(loss)
-        grad_norm = stepper.step()
+        grad_norm = stepper.step(train_step=step)
         if i == 0:
-            metrics.update(loss=float(loss.detach()), grad_norm=float(grad_norm), **stats)
+            metrics.update(loss=loss_value, grad_norm=float(grad_norm), **stats)
     return metrics

@@ -29,11 +29,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from rlsync.config.bounds import check_bounds
 from rlsync.errors import ConfigError
 from rlsync.rl.grpo import policy_loss
 from rlsync.rl.logprobs import RolloutBatch, token_logprobs
 from rlsync.rl.optim import check_optimizer
-from rlsync.trainer.stepper import Stepper, TorchStepper
+from rlsync.trainer.stepper import Stepper, TorchStepper, check_loss
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -92,17 +93,16 @@ class PPOHParams:
         if self.num_minibatches > self.prompts_per_step * self.samples_per_prompt:
             raise ConfigError(f"ppo.num_minibatches ({self.num_minibatches}) exceeds the sequences per step "
                               f"({self.prompts_per_step * self.samples_per_prompt})")
-        for key in ("temperature", "lr", "value_lr", "max_grad_norm", "clip_ratio", "value_clip"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"ppo.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("gamma", "lam"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise ConfigError(f"ppo.{key} must be in [0, 1], got {getattr(self, key)}")
-        if self.kl_coef < 0 or self.vf_coef < 0:
-            raise ConfigError(f"ppo.kl_coef and ppo.vf_coef must be >= 0, got {self.kl_coef}, {self.vf_coef}")
-        if self.is_cap is not None and self.is_cap < 1:
-            raise ConfigError(f"ppo.is_cap must be >= 1 or null, got {self.is_cap}")
-        check_optimizer(self.optimizer, self.optimizer_kwargs, "ppo", self.weight_decay)
+        check_bounds("ppo", self, PPO_BOUNDS)
+        check_optimizer(self.optimizer, self.optimizer_kwargs, "ppo", self.weight_decay, lr=self.lr)
+
+
+# The interval each number makes sense in (`rlsync.config.bounds`); NaN and infinities never pass.
+PPO_BOUNDS = {
+    "temperature": "(0, 10]", "lr": "(0, 1]", "value_lr": "(0, 1]", "weight_decay": "[0, 1]",
+    "max_grad_norm": "(0, inf)", "clip_ratio": "(0, 1]", "value_clip": "(0, inf)", "vf_coef": "[0, inf)",
+    "gamma": "[0, 1]", "lam": "[0, 1]", "kl_coef": "[0, 10]", "is_cap": "[1, inf)",
+}
 
 
 class ValueHead(nn.Module):
@@ -200,13 +200,14 @@ def _select(batch: RolloutBatch, idx: torch.Tensor) -> RolloutBatch:
 
 
 def ppo_update(model: nn.Module, head: ValueHead, optimizers: Stepper | list[torch.optim.Optimizer],
-               batch: RolloutBatch, rewards: torch.Tensor, hp: PPOHParams, ref_model: nn.Module | None = None
-               ) -> dict[str, float]:
+               batch: RolloutBatch, rewards: torch.Tensor, hp: PPOHParams, ref_model: nn.Module | None = None,
+               *, step: int | None = None) -> dict[str, float]:
     """`hp.epochs` x `hp.num_minibatches` PPO steps on one batch; returns step metrics.
 
     `optimizers` is the trainer backend's `Stepper` (built by `rlsync.trainer.wrap`
     with the head as an `extra` module), or the policy's and the head's plain
-    torch optimizers for models in one process.
+    torch optimizers for models in one process. A non-finite loss or gradient
+    norm raises `DivergenceError` naming `step` before any weight changes.
     """
     stepper = optimizers if isinstance(optimizers, Stepper) else TorchStepper(
         model, list(optimizers), max_grad_norm=hp.max_grad_norm, extra=[head])
@@ -239,10 +240,11 @@ def ppo_update(model: nn.Module, head: ValueHead, optimizers: Stepper | list[tor
             pg, stats = policy_loss(logp, old_logp[idx], advantages[idx], mb, hp)
             vl = value_loss(values, old_values[idx], returns[idx], mb.completion_mask, hp.value_clip)
             loss = pg + hp.vf_coef * vl
+            sums["loss"] += check_loss(loss, step)
             stepper.zero_grad()
             stepper.backward(loss)
-            grad_norm = stepper.step()
-            for key, value in (("loss", loss), ("policy_loss", pg), ("value_loss", vl)):
+            grad_norm = stepper.step(train_step=step)
+            for key, value in (("policy_loss", pg), ("value_loss", vl)):
                 sums[key] += float(value.detach())
             sums["grad_norm"] += grad_norm
             sums["clip_fraction"] += stats["clip_fraction"]

@@ -13,7 +13,10 @@ the base model. `resume` does that sync (tagged with the checkpoint's step).
 
 On resume, metric lines after the checkpoint's step are dropped (they are
 recomputed), TensorBoard events from that step on are purged, and stale
-`.tmp-*` directories of interrupted writes are removed.
+`.tmp-*` directories of interrupted writes are removed. The checkpoint is the
+newest *intact* one (`checkpoint.load_latest`: every file's sha256 checked,
+weights-only load, damaged ones skipped with a warning); a `latest` pointer or
+checkpoint path outside the run directory stops the resume (`CheckpointError`).
 
 Limitations:
 1. Rank 0 writes the checkpoint (`state_dict` is still called on every rank,
@@ -62,12 +65,12 @@ class Checkpointer:
                 shutil.rmtree(partial)
         if is_distributed():
             dist.barrier()
-        latest = checkpoint.find_latest(self.run.path)
+        latest = checkpoint.load_latest(self.run.path)
         if latest is None:
             warnings.warn(f"resume=true but {root} holds no complete checkpoint; starting from step 0", stacklevel=2)
             self.run.truncate_after(0)
             return self.start()
-        step = self.state.load_state_dict(checkpoint.load_checkpoint(latest))
+        step = self.state.load_state_dict(latest[1])
         self.run.truncate_after(step)
         if self.config.tensorboard:
             self.run.open_tensorboard(purge_step=step + 1)

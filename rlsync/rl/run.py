@@ -12,6 +12,16 @@ since those steps are about to be recomputed. A fresh start in a directory that
 holds checkpoints is refused unless `run.overwrite` is set, so forgetting
 `resume=true` never silently discards a long run.
 
+Ownership: every run directory rlsync creates carries a marker file
+(`.rlsync-run`). rlsync writes into, resumes from or (with `run.overwrite`)
+deletes only a directory with that marker, or an empty one it then marks; any
+other existing directory is refused, so a mistyped `run.output_dir` can never
+delete someone's `checkpoints/`.
+
+Failure: `RunDir` is a context manager; `with RunDir(...) as run:` closes it
+(TensorBoard flushed and closed) also when the run raises. Metric lines are
+appended and closed one at a time, so every logged step is on disk.
+
 Limitations:
 1. Only rank 0 writes (`writer=False` elsewhere); other ranks get a RunDir that
    knows its path and ignores `log`.
@@ -20,20 +30,24 @@ Limitations:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rlsync.config import to_dict
+from rlsync.config.loader import read_yaml
 from rlsync.errors import ConfigError
 from rlsync.rl import checkpoint
+from rlsync.trainer import TrainerConfig, setup_distributed, teardown_distributed
 
 # Dotted config keys a resumed run may change: how long it runs and how it
 # logs, never what it computes. Keys ending in ".steps" match any recipe section.
@@ -58,7 +72,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     """Newest complete checkpoints kept (0 = keep all)."""
     overwrite: bool = False
-    """Allow a fresh (non-resume) run to delete checkpoints already in its run directory."""
+    """Let a fresh (non-resume) run delete its old run directory (only one rlsync created: see `MARKER`)."""
     tensorboard: bool = False
     """Also write metrics as TensorBoard scalars under `<run dir>/tensorboard`."""
     progress: bool = True
@@ -69,8 +83,31 @@ class RunConfig:
             raise ConfigError(f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.keep_checkpoints < 0:
             raise ConfigError(f"run.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ConfigError(f"run.name must be a plain directory name, got {self.name!r}")
+        check_name(self.name)
+        if not self.output_dir or any(ord(ch) < 32 for ch in self.output_dir):
+            raise ConfigError(f"run.output_dir must be a path without control characters, got {self.output_dir!r}")
+
+
+MARKER = ".rlsync-run"
+"""File in every run directory rlsync creates; only such a directory is ever resumed, reused or deleted."""
+MAX_NAME_BYTES = 255  # a file name's limit on common filesystems
+
+
+def check_name(name: str) -> None:
+    """`ConfigError` naming `run.name` unless it is one plain directory name."""
+    problem = None
+    if not name:
+        problem = "it is empty"
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        problem = "it holds a control character (NUL, newline, ...)"
+    elif "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        problem = "it holds a path separator"
+    elif ".." in name or name == ".":
+        problem = "it holds '..' or is '.'"
+    elif len(name.encode()) > MAX_NAME_BYTES:
+        problem = f"it is {len(name.encode())} bytes long (at most {MAX_NAME_BYTES})"
+    if problem:
+        raise ConfigError(f"run.name must be a plain directory name, got {name[:80]!r}: {problem}")
 
 
 class RunDir:
@@ -84,25 +121,40 @@ class RunDir:
         self._tb = None
         if not writer:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._claim(resume)
         config_path = self.path / "config.yaml"
         resolved_dict = to_dict(resolved)
         if resume and config_path.exists():
-            _check_same_experiment(yaml.safe_load(config_path.read_text()) or {}, resolved_dict, config_path)
-        elif not resume:
-            ckpts = checkpoint.checkpoint_dir(self.path)
-            if ckpts.exists():
-                if not config.overwrite:
-                    raise ConfigError(
-                        f"run.name: {self.path} already holds checkpoints; pass resume=true to continue that run, "
-                        f"run.overwrite=true to start over, or another run.name"
-                    )
-                warnings.warn(f"run.overwrite: deleting the old checkpoints in {ckpts}", stacklevel=2)
-                shutil.rmtree(ckpts)
-            if self.metrics_path.exists():
-                self.metrics_path.unlink()
+            _check_same_experiment(read_yaml(config_path) or {}, resolved_dict, config_path)
+        elif not resume and self.metrics_path.exists():
+            self.metrics_path.unlink()
         with config_path.open("w") as f:
             yaml.safe_dump(resolved_dict, f, sort_keys=False)
+
+    def _claim(self, resume: bool) -> None:
+        """Create (and mark) the run directory, or check that an existing one is rlsync's to reuse."""
+        marker = self.path / MARKER
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
+            raise ConfigError(f"run.name: {self.path} exists and is not a directory; choose another run.name")
+        if self.path.is_dir() and any(self.path.iterdir()) and not marker.is_file():
+            key = "run.overwrite" if self.config.overwrite and not resume else "run.name"
+            raise ConfigError(
+                f"{key}: {self.path} exists and was not created by rlsync (no {MARKER} file in it); rlsync never "
+                f"writes into, resumes or deletes such a directory: choose another run.name or run.output_dir "
+                f"(for a run of an rlsync without markers, create the empty file {marker} to adopt it)"
+            )
+        if not resume and self.path.is_dir():
+            if self.config.overwrite:
+                warnings.warn(f"run.overwrite: deleting the old run directory {self.path}", stacklevel=3)
+                shutil.rmtree(self.path)
+            elif checkpoint.checkpoint_dir(self.path).exists():
+                raise ConfigError(
+                    f"run.name: {self.path} already holds checkpoints; pass resume=true to continue that run, "
+                    f"run.overwrite=true to start over, or another run.name"
+                )
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not marker.is_file():
+            marker.write_text("rlsync run directory: rlsync may resume, overwrite or delete it\n")
 
     def truncate_after(self, step: int) -> None:
         """Drop metric records of steps after `step` (they are recomputed after a resume)."""
@@ -138,6 +190,28 @@ class RunDir:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def trainer_group(config: TrainerConfig) -> Iterator[None]:
+    """The trainer's process group for one run: joined on entry, left on exit, on failure too.
+
+    On success the ranks meet once more (`teardown_distributed`). On failure
+    that barrier is skipped: the failing rank may be the only one that failed
+    (a run-directory check on rank 0), and waiting for ranks that sit in another
+    collective would hang the job until the group's timeout; leaving instead
+    lets the launcher stop the others as soon as this process exits. In both
+    cases the group itself ends with the process (see `teardown_distributed`).
+    """
+    setup_distributed(config)
+    yield  # a failure propagates from here and skips the barrier below
+    teardown_distributed()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

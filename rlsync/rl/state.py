@@ -18,6 +18,10 @@ Limitations:
 2. Each rank saves its own RNG and task state in the same file under
    `ranks[r]`, gathered to rank 0, so resuming with a different world size is
    refused.
+3. The state holds tensors and plain Python data only (dicts, lists, tuples,
+   numbers, strings, None): checkpoints are loaded with
+   `torch.load(weights_only=True)` (`rlsync.rl.checkpoint`), which refuses
+   anything else. A task's `state_dict` must keep to that too.
 """
 
 from __future__ import annotations

@@ -41,15 +41,26 @@ def trainer_device(config: ModelConfig) -> torch.device:
 
 
 def require_model_path(config: ModelConfig) -> None:
-    """`ConfigError` naming `model.path` unless it is a Hugging Face checkpoint directory (run time)."""
-    if config.path is not None and not (Path(config.path) / "config.json").is_file():
+    """`ConfigError` naming `model.path` unless it is a Hugging Face checkpoint with safetensors weights.
+
+    Checked at run start, before the run directory is written (a GPU config is
+    validated on machines without the model). Only `*.safetensors` weights are
+    accepted: they hold tensors and nothing else, unlike pickled `*.bin` files.
+    """
+    if config.path is None:
+        return
+    path = Path(config.path)
+    if not (path / "config.json").is_file():
         raise ConfigError(f"model.path: {config.path} is not a Hugging Face checkpoint directory (no config.json); "
                           f"point it at a local copy of the model")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"model.path: {config.path} holds config.json but no weights (no *.safetensors file); "
+                          f"copy the whole checkpoint, or convert *.bin weights to safetensors")
 
 
 def resolve_model_path(config: ModelConfig) -> str:
     if config.path is None:
-        from rlsync.testing import tiny_model_path
+        from rlsync.default_model import tiny_model_path
 
         return str(tiny_model_path())
     return config.path

@@ -11,6 +11,12 @@ their gradients are averaged over the ranks by one all-reduce before the step,
 so every rank's copy stays identical; with torch backends they are clipped
 together with the policy under one global norm, as in one process.
 
+Divergence: a NaN or infinite gradient norm raises `DivergenceError` (naming
+the training step when the caller passes it) *before* any optimizer steps, so
+the weights, the next sync and any checkpoint never carry it; `check_loss`
+does the same for the loss before backward. Both are scalars already computed
+for the metrics, so the checks cost nothing extra.
+
 Limitations:
 1. Under DeepSpeed the policy is clipped by the engine and the `extra`
    modules separately, each to `max_grad_norm` (DeepSpeed does not expose its
@@ -18,6 +24,11 @@ Limitations:
    joint one, sqrt(policy^2 + extra^2), before clipping.
 2. DeepSpeed's ZeRO-1/2 can skip its norm computation; the step then reports
    the norm as NaN.
+3. DeepSpeed clips and steps inside `engine.step()`, so a non-finite policy
+   gradient (with a finite loss) is only seen after its step: the run still
+   stops with `DivergenceError` before the sync and the checkpoint, but the
+   in-memory weights are already changed. A step DeepSpeed skipped itself
+   (fp16 loss-scale overflow) is not a divergence.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rlsync.errors import DivergenceError
 from rlsync.trainer.dist import average_grads
 
 NormKind = Literal["local", "fsdp1", "dtensor"]
@@ -45,8 +57,25 @@ class Stepper(abc.ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abc.abstractmethod
-    def step(self) -> float:
-        """Clip to `max_grad_norm`, step every optimizer; returns the global gradient norm before clipping."""
+    def step(self, train_step: int | None = None) -> float:
+        """Clip to `max_grad_norm`, step every optimizer; returns the global gradient norm before clipping.
+
+        A non-finite norm raises `DivergenceError` (naming `train_step`) instead of stepping.
+        """
+
+
+def check_loss(loss: torch.Tensor, train_step: int | None = None) -> float:
+    """The loss as a float; `DivergenceError` naming the step if it is NaN or infinite (call before backward)."""
+    value = float(loss.detach())
+    _check_finite(value, "the loss", train_step)
+    return value
+
+
+def _check_finite(value: float, what: str, train_step: int | None) -> None:
+    if not math.isfinite(value):
+        where = f"step {train_step}" if train_step is not None else "this step"
+        raise DivergenceError(f"{where}: {what} is {value}; the run stops before this step is synced or "
+                              f"checkpointed (lower the learning rate, or check the rewards and the data)")
 
 
 def _grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -73,12 +102,13 @@ class TorchStepper(Stepper):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def step(self, train_step: int | None = None) -> float:
         average_grads(self.extra)
         if self.norm == "local":  # full gradients on every rank (DDP averaged them in backward)
             total = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         else:
             total = self._clip_sharded()
+        _check_finite(total, "the gradient norm", train_step)  # the same global norm on every rank
         for opt in self.optimizers:
             opt.step()
         return total
@@ -97,6 +127,8 @@ class TorchStepper(Stepper):
         extra_grads = _grads(extra)
         extra_norm = float(torch.nn.utils.get_total_norm(extra_grads)) if extra_grads else 0.0
         total = math.sqrt(policy_norm**2 + extra_norm**2)
+        if not math.isfinite(total):
+            return total  # step() raises; scaling by a NaN coefficient would gain nothing
         coef = self.max_grad_norm / (total + 1e-6)  # as torch.nn.utils.clip_grad_norm_
         if coef < 1:
             for g in _grads(self.params):
@@ -123,15 +155,19 @@ class DeepSpeedStepper(Stepper):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> float:
+    def step(self, train_step: int | None = None) -> float:
         average_grads(self.extra)
         extra_norm = 0.0
         if self.extra_params:
             extra_norm = float(torch.nn.utils.clip_grad_norm_(self.extra_params, self.max_grad_norm))
+            _check_finite(extra_norm, "the gradient norm of the extra modules", train_step)
         self.engine.step()
+        policy_norm = self.engine.get_global_grad_norm()
+        # limitation 3: the engine has stepped already; an fp16 overflow it skipped (loss scaling) is no divergence
+        if policy_norm is not None and self.engine.was_step_applied():
+            _check_finite(float(policy_norm), "the policy's gradient norm", train_step)
         for opt in self.extra_optimizers:
             opt.step()
-        policy_norm = self.engine.get_global_grad_norm()
         if policy_norm is None:
             return math.nan
         return math.sqrt(float(policy_norm) ** 2 + extra_norm**2)

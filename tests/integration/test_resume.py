@@ -89,3 +89,21 @@ def test_ppo_resume_restores_value_head_and_both_optimizers(tmp_path, monkeypatc
     assert [r["step"] for r in resumed] == [1, 2, 3]
     assert comparable(resumed) == comparable(full)
     assert all("value_error" in r for r in resumed)
+
+
+def test_grpo_resume_falls_back_from_a_tampered_final_checkpoint(tmp_path):
+    path = run("grpo", tmp_path, "tampered")  # 4 steps, checkpoints at 2 and 4
+    uninterrupted = comparable(read_metrics(path))
+    final = checkpoint.checkpoint_dir(path) / "step_000004"
+    weights = checkpoint.load_checkpoint(final)["modules"]["policy"]
+    tensor = next(t for t in weights.values() if t.numel() >= 1024)
+    data = bytearray((final / checkpoint.STATE_FILE).read_bytes())
+    offset = bytes(data).find(tensor.numpy().tobytes())
+    assert offset >= 0
+    data[offset + 3] ^= 0x40  # one flipped bit in the final policy's weights: same size, a valid archive
+    (final / checkpoint.STATE_FILE).write_bytes(bytes(data))
+
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_000004: state.pt: sha256 does not match"):
+        resumed = read_metrics(run("grpo", tmp_path, "tampered", "resume=true"))
+    assert comparable(resumed) == uninterrupted  # steps 3 and 4 recomputed from the intact step-2 checkpoint
+    assert checkpoint.find_latest(path, verify_hashes=True).name == "step_000004"  # rewritten intact

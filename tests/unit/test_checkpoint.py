@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from rlsync.errors import ConfigError
+from rlsync.errors import CheckpointError, ConfigError
 from rlsync.rl import checkpoint
-from rlsync.rl.run import RunConfig, RunDir, read_metrics
+from rlsync.rl.run import MARKER, RunConfig, RunDir, read_metrics
 from rlsync.rl.state import TrainState, step_seed
 from rlsync.rl.tasks import TaskConfig, VowelTask
 
@@ -65,8 +65,11 @@ def test_a_damaged_checkpoint_is_skipped_even_if_latest_names_it(tmp_path, damag
         (bad / "state.pt").unlink()
     assert (checkpoint.checkpoint_dir(tmp_path) / "latest").read_text().strip() == bad.name
     assert checkpoint.find_latest(tmp_path).name == "step_000002"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="step_000004: "):
         checkpoint.load_checkpoint(bad)
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step_000004"):
+        path, state = checkpoint.load_latest(tmp_path)
+    assert path.name == "step_000002" and state["step"] == 2
 
 
 def test_hash_verification_catches_same_size_corruption(tmp_path):
@@ -144,6 +147,29 @@ def test_run_dir_refuses_to_clobber_checkpoints_and_checks_resumed_config(tmp_pa
     resumed = RunDir(cfg, {"run": {"seed": 0}, "grpo": {"lr": 0.1, "steps": 8}}, resume=True)  # steps may change
     resumed.truncate_after(2)
     assert [r["step"] for r in read_metrics(run.path)] == [1, 2]
-    with pytest.warns(UserWarning, match="deleting the old checkpoints"):
+    with pytest.warns(UserWarning, match="deleting the old run directory"):
         RunDir(RunConfig(output_dir=str(tmp_path), name="r", overwrite=True), {"x": 1})
-    assert not checkpoint.checkpoint_dir(run.path).exists()
+    assert not checkpoint.checkpoint_dir(run.path).exists() and not run.metrics_path.exists()
+    assert (run.path / MARKER).is_file()
+
+
+def test_run_dir_marks_what_it_creates_and_touches_nothing_else(tmp_path):
+    foreign = tmp_path / "theirs"
+    (foreign / "checkpoints").mkdir(parents=True)
+    (foreign / "checkpoints" / "model.pt").write_bytes(b"not ours")
+    for overwrite, resume, key in ((True, False, "run.overwrite"), (False, False, "run.name"), (False, True, "run.name")):
+        with pytest.raises(ConfigError, match=f"{key}: {foreign} exists and was not created by rlsync"):
+            RunDir(RunConfig(output_dir=str(tmp_path), name="theirs", overwrite=overwrite), {"x": 1}, resume=resume)
+    assert sorted(p.name for p in foreign.rglob("*")) == ["checkpoints", "model.pt"]
+    (tmp_path / "empty").mkdir()  # an empty directory is adopted and marked
+    assert (RunDir(RunConfig(output_dir=str(tmp_path), name="empty"), {"x": 1}).path / MARKER).is_file()
+
+
+def test_run_dir_closes_when_the_run_raises(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with RunDir(RunConfig(output_dir=str(tmp_path), name="r", tensorboard=True), {"x": 1}) as run:
+            run.open_tensorboard()
+            run.log(1, {"reward": 0.5})
+            raise RuntimeError("boom")
+    assert run._tb is None  # closed: its events are flushed
+    assert list((run.path / "tensorboard").iterdir()) and read_metrics(run.path)[0]["reward"] == 0.5

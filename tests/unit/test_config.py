@@ -24,6 +24,7 @@ def test_shipped_configs_validate_and_open_with_their_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), f"{path} must open with a comment giving its command"
     assert f"rlsync run {path.relative_to(ROOT)}" in path.read_text()
+    assert not config.run.overwrite, "a shipped config must never delete a run directory by default"
 
 
 def test_shipped_configs_exist():

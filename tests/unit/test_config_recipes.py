@@ -54,7 +54,7 @@ BAD = [
     ("ppo", "ppo: {value_trunk: frozen}\n", [], "ppo.value_trunk: 'frozen' is not one of"),
     ("ppo", "ppo: {num_minibatches: 100}\n", [], "ppo.num_minibatches (100) exceeds"),
     ("ppo", "ppo: {is_cap: 0.5}\n", [], "ppo.is_cap must be >= 1"),
-    ("ppo", "", ["ppo.value_lr=-1"], "ppo.value_lr must be > 0"),
+    ("ppo", "", ["ppo.value_lr=-1"], "ppo.value_lr must be in (0, 1]"),
     ("ppo", "", ["grpo.steps=3"], "unknown config key grpo; did you mean ppo"),
     ("grpo", "", ["resume=yes please"], "resume: expected true/false"),
     ("grpo", "run: {checkpoint_every: -1}\n", [], "run.checkpoint_every must be >= 0"),
