@@ -1,4 +1,8 @@
-"""Typed configs from YAML: dataclass trees, strict keys, `key=value` overrides."""
+"""Typed configs from YAML: dataclass trees, strict keys, `key=value` overrides.
+
+Owns: the loader and the allowlist of names a config may give. May import:
+`rlsync.errors` only; each component's config dataclass lives with its component.
+"""
 
 from rlsync.config.loader import apply_overrides, from_dict, load_config, parse_overrides, to_dict
 

@@ -34,7 +34,11 @@ def engines(request, tiny_path):
 def test_backends_leave_identical_kernel_tensors(engines, trainer_model, order):
     ours, theirs = engines
     ptrs = {n: p.data_ptr() for n, p in ours.named_kernel_tensors()}
-    max_layer = max(ours.backend.layer_load_bytes().values())
+    # Which layers are swapped depends on the CPU: where oneDNN runs bf16 matmuls (AVX-512) vLLM moves an
+    # unquantized linear weight into a oneDNN handle (kernel format != load format: swapped); on AVX2-only
+    # CPUs it falls back to torch's linear and keeps the weight (pass-through: loaded in place, 0 bytes).
+    swapped = ours.backend.layer_load_bytes()
+    max_layer = max(swapped.values(), default=0)
     # the embedding (owner of the tied LM head) and the norms pass through processing: loaded in place
     assert not {"model.embed_tokens", "model.norm"} & set(ours.backend.layer_load_bytes())
     for i in range(3):
@@ -44,15 +48,18 @@ def test_backends_leave_identical_kernel_tensors(engines, trainer_model, order):
         theirs.sync(source(), step=i + 1)
         assert report.backend == "rlsync"
         # and against the reference quantization (verify needs whole layers per group, so regroup by layer)
-        assert verify_groups(ours.model, ours.packed, ModuleSource(trainer_model).groups(), set(ours.checkpoint_shapes)) > 0
+        compared, written = verify_groups(ours.model, ours.packed, ModuleSource(trainer_model).groups(), set(ours.checkpoint_shapes))
+        assert compared == written > 0
         a, b = kernel_bits(ours), kernel_bits(theirs)
         assert a.keys() == b.keys() and len(a) > 0
         differ = [n for n in a if a[n][0] != b[n][0] or not torch.equal(a[n][1], b[n][1])]
         assert not differ, f"sync {i + 1}: kernel tensors differ between backends: {differ}"
         assert {n: p.data_ptr() for n, p in ours.named_kernel_tensors()} == ptrs
         assert ours.backend.live_bytes == 0
-        if order == "layer":
+        if not swapped:
+            assert report.peak_load_bytes == 0  # every layer loaded in place
+        elif order == "layer":
             assert 0 < report.peak_load_bytes <= max_layer
         else:
-            assert 0 < report.peak_load_bytes <= sum(ours.backend.layer_load_bytes().values())
+            assert 0 < report.peak_load_bytes <= sum(swapped.values())
         print(f"{order} sync {i + 1}: peak load-format bytes {report.peak_load_bytes} (largest layer {max_layer})")

@@ -161,7 +161,8 @@ def test_grpo_lora_merged_per_group_base_untouched(tiny_path, tmp_path):
     # independently of rlsync's merge: the engine holds FP8(PEFT's merge_and_unload()), not FP8(base)
     written = set(engine.checkpoint_shapes)
     merged = copy.deepcopy(peft_model).merge_and_unload()
-    assert verify_groups(engine.model, engine.packed, ModuleSource(merged, dtype=torch.bfloat16).groups(), written) > 0
+    compared, num_written = verify_groups(engine.model, engine.packed, ModuleSource(merged, dtype=torch.bfloat16).groups(), written)
+    assert compared == num_written > 0
     unmerged = copy.deepcopy(peft_model).unload()
     with pytest.raises(SyncError, match="bits differ"):
         verify_groups(engine.model, engine.packed, ModuleSource(unmerged, dtype=torch.bfloat16).groups(), written)
