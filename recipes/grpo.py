@@ -99,7 +99,8 @@ def train(cfg: GRPOConfig, run: RunDir) -> None:
     seed = cfg.run.seed + trainer_rank()  # each rank draws its own prompts and samples
     task = make_task(cfg.task, seed=seed)
     state = TrainState(modules={"policy": trainer.model}, optimizers=trainer.optimizers, task=task)
-    engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
+    engine = VLLMEngine(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed,
+                                            trust_remote_code=cfg.model.trust_remote_code))
     source = sync_source(trainer.model, source_config(cfg.engine, cfg.trainer), progress=cfg.run.progress and is_rank0())
     ckpt = Checkpointer(run, cfg.run, state)
     start = ckpt.resume(engine, source) if cfg.resume else ckpt.start()

@@ -103,7 +103,8 @@ def train(cfg: PPOConfig, run: RunDir) -> None:
     task = make_task(cfg.task, seed=seed)
     state = TrainState(modules={"policy": trainer.model, "value_head": value_head},
                        optimizers={**trainer.optimizers, "value_head": value_optimizer}, task=task)
-    engine = VLLMEngine.from_config(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed))
+    engine = VLLMEngine(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed,
+                                            trust_remote_code=cfg.model.trust_remote_code))
     source = sync_source(trainer.model, source_config(cfg.engine, cfg.trainer), progress=cfg.run.progress and is_rank0())
     ckpt = Checkpointer(run, cfg.run, state)
     start = ckpt.resume(engine, source) if cfg.resume else ckpt.start()

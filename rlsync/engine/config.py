@@ -99,6 +99,9 @@ class EngineConfig:
 
     def _check_llm_kwargs(self) -> None:
         for key, value in self.llm_kwargs.items():
+            if key == "trust_remote_code":
+                raise ConfigError("engine.llm_kwargs.trust_remote_code: refused here; it is an explicit option "
+                                  "(model.trust_remote_code in a recipe config, EngineConfig.trust_remote_code in code)")
             if key in _TYPED_KEYS:
                 raise ConfigError(f"engine.llm_kwargs.{key}: set engine.{key} instead")
             if key not in LLM_KWARGS:

@@ -70,6 +70,9 @@ def check_run(model: ModelConfig, engine: EngineConfig, *, prompt_length: int, m
     Engine-only rules live in `EngineConfig.check`, called here first.
     """
     engine.check()
+    if engine.trust_remote_code:
+        raise ConfigError("engine.trust_remote_code: set model.trust_remote_code instead (one switch for the trainer "
+                          "and the engine, off by default)")
     longest = prompt_length + _PROMPT_SPECIALS + max_tokens
     if engine.max_model_len is not None and longest > engine.max_model_len:
         raise ConfigError(f"engine.max_model_len: {engine.max_model_len} cannot hold a prompt of task.prompt_length="

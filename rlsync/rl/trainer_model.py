@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from rlsync.default_model import tiny_model_path
 from rlsync.errors import ConfigError
 
 
@@ -25,6 +27,9 @@ class ModelConfig:
     """Trainer device: `auto` (this rank's GPU if there is one, else CPU), `cpu`, `cuda`, `cuda:N`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory for larger models)."""
+    trust_remote_code: bool = False
+    """Let transformers and vLLM run Python code shipped in the model directory (off; on only for models you
+    trust; the one switch for trainer and engine, warned about when on)."""
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
@@ -60,8 +65,6 @@ def require_model_path(config: ModelConfig) -> None:
 
 def resolve_model_path(config: ModelConfig) -> str:
     if config.path is None:
-        from rlsync.default_model import tiny_model_path
-
         return str(tiny_model_path())
     return config.path
 
@@ -72,12 +75,16 @@ def load_trainer_model(config: ModelConfig):
 
     require_model_path(config)
     path = resolve_model_path(config)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype))
+    if config.trust_remote_code:
+        warnings.warn(f"model.trust_remote_code=true: transformers and vLLM may run Python code from {path}",
+                      stacklevel=2)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype),
+                                                 trust_remote_code=config.trust_remote_code)
     model.to(trainer_device(config))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     return model, path, tokenizer
 
 
