@@ -4,15 +4,20 @@ A backend (plain, FSDP1, FSDP2, ZeRO-3) only says which parameters the model
 has (`_entries`: raw name, full shape, dtype) and how to materialize a set of
 them in full (`_gather`, plus `_scope` for backends whose unit of gathering is
 coarser than a tensor). Everything else lives here once: Hugging Face names,
-LoRA merging (`lora.py`), tied weights yielded once, grouping by layer, the
-byte budget, lockstep checks between ranks (`lockstep.py`) and the count of
-gathered bytes alive.
+LoRA merging (`lora.py`), checkpoint format where transformers keeps another
+layout in memory (`convert.py`: fused MoE experts back to per-expert tensors,
+after the gather of the bucket that holds them), tied weights yielded once,
+grouping by layer, the byte budget, lockstep checks between ranks
+(`lockstep.py`) and the count of gathered bytes alive.
 
 Byte accounting: an item costs the bytes its gather materializes (full
 tensors of sharded parameters, counted by the backend) plus the bytes rlsync
 derives from them (merged LoRA weights, dtype casts). A bucket's bytes are
 added to `stats` when gathered and released when the consumer asks for the
-next bucket, so `stats.peak_bytes` is the most that was alive at once.
+next bucket, so `stats.peak_bytes` is the most that was alive at once. A
+checkpoint conversion adds the bytes of outputs that are not views of its
+inputs (splitting a fused `gate_up_proj` copies it once; `down_proj` splits
+into views).
 
 FSDP1 gathers whole wrapped units in `_scope` and counts them there; its
 items cost only their derived bytes (see `fsdp.py`, limitation 2).
@@ -20,7 +25,9 @@ items cost only their derived bytes (see `fsdp.py`, limitation 2).
 Limitations:
 1. A single item larger than `bucket_bytes` (one huge embedding, or a LoRA
    base weight with its factors and merged copy) forms a bucket of its own,
-   which exceeds the budget; parameters are never split.
+   which exceeds the budget; parameters are never split, nor are the inputs
+   of one checkpoint conversion (a fused expert tensor, or several tensors
+   transformers converts together).
 2. Only parameters are yielded, not buffers (Hugging Face checkpoints of the
    supported architectures hold none that the engine loads).
 """
@@ -36,6 +43,7 @@ from typing import Any
 import torch
 
 from rlsync.source.base import Group, SourceConfig, TensorMeta, WeightSource
+from rlsync.source.convert import Conversion, checkpoint_format
 from rlsync.source.lockstep import Lockstep, LockstepError, distributed_world
 from rlsync.source.lora import LoraPlan, lora_plan, merged_weight
 from rlsync.source.names import group_key, hf_name, is_trainer_only
@@ -71,6 +79,8 @@ class Item:
     """The parameter itself first, then LoRA factors (A, B per adapter)."""
     lora: list = dataclasses.field(default_factory=list)
     """`lora.Factor`s to merge into the first entry."""
+    conversion: Conversion | None = None
+    """How the tensor becomes checkpoint tensors (shared by items converted together); None: yielded as `name`."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -80,15 +90,23 @@ class GroupPlan:
     buckets: list[list[Item]]
 
 
-def split_buckets(items: Sequence[Item], costs: Sequence[int], budget: int | None) -> list[list[Item]]:
-    """Consecutive items packed greedily into buckets of at most `budget` bytes (see limitation 1)."""
+def split_buckets(items: Sequence[Item], costs: Sequence[int], budget: int | None,
+                  units: Sequence[object] | None = None) -> list[list[Item]]:
+    """Consecutive items packed greedily into buckets of at most `budget` bytes (see limitation 1).
+
+    `units`: a key per item; consecutive items with the same (non-None) key stay in one bucket.
+    """
     if budget is None:
         return [list(items)] if items else []
+    units = units if units is not None else [None] * len(items)
     buckets: list[list[Item]] = []
     current: list[Item] = []
     used = 0
-    for item, cost in zip(items, costs, strict=True):
-        if current and used + cost > budget:
+    previous: object = None
+    for item, cost, unit in zip(items, costs, units, strict=True):
+        joined = unit is not None and unit is previous
+        previous = unit
+        if current and used + cost > budget and not joined:
             buckets.append(current)
             current, used = [], 0
         current.append(item)
@@ -109,6 +127,7 @@ class GatheringSource(WeightSource):
         super().__init__(config, **options)
         self.model = model
         self.lora = lora if lora is not None else lora_plan(model)
+        self.format = checkpoint_format(model)
 
     # ------------------------------------------------------------ backend
     @abc.abstractmethod
@@ -145,6 +164,12 @@ class GatheringSource(WeightSource):
             for factor in factors:
                 needed += [by_raw[factor.a], by_raw[factor.b]]
             items.append(Item(name=name, entries=needed, lora=factors))
+        if self.format is not None:
+            conversions = self.format.plan([item.name for item in items])
+            for item in items:
+                conversion = conversions[item.name]
+                if conversion.converter is not None or conversion.output_name != item.name:
+                    item.conversion = conversion
         return items
 
     def _derived_nbytes(self, item: Item) -> int:
@@ -152,7 +177,13 @@ class GatheringSource(WeightSource):
         out_dtype = self.dtype or base.dtype
         merged = base.nbytes if item.lora else 0
         cast = torch.Size(base.shape).numel() * out_dtype.itemsize if out_dtype != base.dtype else 0
-        return merged + cast
+        # a conversion's outputs are at most as large as its inputs (split, chunk, concatenate, transpose)
+        converted = torch.Size(base.shape).numel() * out_dtype.itemsize if self._converts(item) else 0
+        return merged + cast + converted
+
+    @staticmethod
+    def _converts(item: Item) -> bool:
+        return item.conversion is not None and item.conversion.converter is not None
 
     def _item_cost(self, item: Item) -> int:
         return self._gathered_nbytes(item.entries) + self._derived_nbytes(item)
@@ -172,14 +203,26 @@ class GatheringSource(WeightSource):
 
     def _group_plan(self, items: list[Item]) -> GroupPlan:
         key = group_key(items[0].name) or items[0].name.rsplit(".", 1)[0]
+        # the inputs of one conversion sit next to each other (at the first one's place), so no bucket splits them
+        order: dict[int, list[Item]] = {}
+        for item in items:
+            order.setdefault(id(item.conversion) if self._converts(item) else id(item), []).append(item)
+        items = [item for run in order.values() for item in run]
         costs = [self._item_cost(item) for item in items]
-        return GroupPlan(key=f"group {key}", buckets=split_buckets(items, costs, self.config.bucket_bytes))
+        units = [item.conversion if self._converts(item) else None for item in items]
+        return GroupPlan(key=f"group {key}", buckets=split_buckets(items, costs, self.config.bucket_bytes, units))
 
     def metadata(self) -> list[TensorMeta]:
-        return [
-            TensorMeta(name=item.name, shape=item.entries[0].shape, dtype=self.dtype or item.entries[0].dtype)
-            for item in self._items()
-        ]
+        metas: list[TensorMeta] = []
+        for group in self.plan():
+            for bucket in group.buckets:
+                values = [
+                    torch.empty(item.entries[0].shape, dtype=self.dtype or item.entries[0].dtype, device="meta")
+                    for item in bucket
+                ]
+                metas += [TensorMeta(name=name, shape=tuple(t.shape), dtype=t.dtype)
+                          for name, t in _checkpoint_format(bucket, values)]
+        return metas
 
     # ------------------------------------------------------------ iteration
     def groups(self) -> Iterator[Group]:
@@ -243,4 +286,25 @@ class GatheringSource(WeightSource):
             if cast.data_ptr() != value.data_ptr():
                 derived += cast.nbytes
             out.append((item.name, cast))
+        if any(item.conversion is not None for item in bucket):
+            inputs = {t.untyped_storage().data_ptr() for _, t in out}
+            out = _checkpoint_format(bucket, [t for _, t in out])
+            new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t in out}
+            derived += sum(nbytes for ptr, nbytes in new.items() if ptr not in inputs)
         return out, derived
+
+
+def _checkpoint_format(bucket: list[Item], values: list[torch.Tensor]) -> Group:
+    """The bucket's tensors (in item order) under checkpoint names and layout; unconverted items pass through."""
+    by_name = {item.name: value for item, value in zip(bucket, values, strict=True)}
+    out: Group = []
+    done: set[int] = set()
+    for item, value in zip(bucket, values, strict=True):
+        conversion = item.conversion
+        if conversion is None:
+            out.append((item.name, value))
+        elif id(conversion) not in done:
+            done.add(id(conversion))
+            assert all(name in by_name for name in conversion.input_names), "a conversion was split across buckets"
+            out += conversion.apply([by_name[name] for name in conversion.input_names])
+    return out

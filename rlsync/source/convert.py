@@ -1,0 +1,171 @@
+"""Checkpoint format from transformers' in-memory layout, with transformers' own conversion mapping.
+
+Why: transformers 5 keeps some weights in a layout its checkpoints do not use
+(MoE experts fused into 3-D `experts.gate_up_proj` / `experts.down_proj`,
+Mixtral's `block_sparse_moe` renamed `mlp`). `from_pretrained` converts with a
+per-model list of `WeightRenaming` / `WeightConverter` transforms
+(`conversion_mapping.get_model_conversion_mapping`), and `save_pretrained`
+writes the checkpoint back with their reverses (`revert_weight_conversion`).
+The engine loads checkpoint names, so a source must yield what
+`save_pretrained` would write. `CheckpointFormat` is `revert_weight_conversion`
+taken apart so it runs on one layer group at a time: the reversed transforms
+are built once per source, `plan` tells which in-memory tensors one reverse
+converter consumes together (they must travel in one bucket), and
+`Conversion.apply` runs that converter on gathered tensors or on meta tensors
+(for `metadata()`, without gathering).
+
+What this module deliberately does not do: keep its own per-architecture
+table. Whatever transformers' mapping says is what is yielded.
+
+Limitations:
+1. Needs transformers >= 5 (its `core_model_loading` module); older versions
+   keep checkpoint layout in memory, so `checkpoint_format` returns None.
+2. A transform transformers cannot reverse (an op without `reverse_op`, or a
+   mapping carrying a quantization op from a quantized `from_pretrained`)
+   raises `ConfigError` naming the in-memory tensor it applies to; it is only
+   an error when some yielded tensor matches it.
+3. Only the outermost `PreTrainedModel` is looked at (as `save_pretrained`
+   does); its mapping covers nested sub-models through scope prefixes.
+4. Reverse converters run on whole in-memory tensors: a group never splits a
+   converter's inputs across buckets, so `bucket_bytes` cannot split one fused
+   expert tensor (see `gather.py`, limitation 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlsync.errors import ConfigError
+from rlsync.source.names import hf_name
+
+_MIN_TRANSFORMERS_MAJOR = 5
+
+
+@dataclasses.dataclass(kw_only=True, slots=True, eq=False)
+class Conversion:
+    """In-memory tensors that become checkpoint tensors together (one reverse transform instance)."""
+
+    key: str
+    """The first checkpoint name (transformers' key for this converter instance)."""
+    sources: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)
+    """(in-memory name, the converter source pattern it matched), in model order."""
+    converter: Any = None
+    """transformers' reversed `WeightConverter` (a template, copied per apply); None for a rename."""
+    model: Any = None
+    """The `PreTrainedModel` whose config the converter may read."""
+    prefix: str = ""
+    """Names of the `PreTrainedModel` inside the yielded names start with this."""
+
+    @property
+    def input_names(self) -> list[str]:
+        """Yielded (in-memory) names of the tensors `apply` takes, in order."""
+        return [self.prefix + name for name, _ in self.sources]
+
+    @property
+    def output_name(self) -> str:
+        """The checkpoint name of a rename (the first one, for a converter)."""
+        return self.prefix + self.key
+
+    def apply(self, tensors: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """Checkpoint `(name, tensor)`s from the tensors of `sources`, in order (meta tensors allowed)."""
+        if self.converter is None:
+            (tensor,) = tensors
+            return [(self.prefix + self.key, tensor)]
+        converter = copy.deepcopy(self.converter)  # transformers keeps one instance per target key
+        for (name, pattern), tensor in zip(self.sources, tensors, strict=True):
+            converter.add_tensor(self.key, name, pattern, tensor)
+        try:
+            out = converter.convert(self.key, model=self.model, config=self.model.config)
+        except (ValueError, RuntimeError, NotImplementedError, KeyError, IndexError) as exc:
+            names = [self.prefix + name for name, _ in self.sources]
+            raise ConfigError(
+                f"transformers could not convert {names} to checkpoint format with {self.converter!r}: {exc}"
+            ) from exc
+        return [(self.prefix + name, value[0] if isinstance(value, list) else value) for name, value in out.items()]
+
+
+class CheckpointFormat:
+    """transformers' reversed weight conversions for one model, applied a few tensors at a time."""
+
+    def __init__(self, model: nn.Module, prefix: str, transforms: list[Any]) -> None:
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, WeightTransform
+
+        self.model = model
+        self.prefix = prefix
+        # as revert_weight_conversion: sub-model transforms first, each reversed
+        reversed_: list[Any] = []
+        self.irreversible: list[tuple[Any, Any, str]] = []  # (matcher of in-memory names, transform, why)
+        for transform in transforms[::-1]:
+            try:
+                reversed_.append(transform.reverse_transform())
+            except (NotImplementedError, ValueError) as exc:
+                matcher = WeightTransform(list(transform._original_target_patterns),
+                                          list(transform._original_source_patterns))
+                matcher.scope_prefix, matcher.base_model_prefix = transform.scope_prefix, transform.base_model_prefix
+                self.irreversible.append((matcher, transform, f"{type(exc).__name__}: {exc}"))
+        self.renamings = [t for t in reversed_ if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in reversed_ if isinstance(t, WeightConverter)]
+        self._by_pattern = {pattern: c for c in self.converters for pattern in c.source_patterns}
+
+    def plan(self, names: list[str]) -> dict[str, Conversion]:
+        """For each (yielded, in-memory) name, its `Conversion`; names that share one convert together."""
+        from transformers.core_model_loading import rename_source_key
+
+        out: dict[str, Conversion] = {}
+        by_key: dict[str, Conversion] = {}
+        for name in names:
+            if not name.startswith(self.prefix):
+                out[name] = Conversion(key=name, sources=[(name, None)], model=self.model)  # outside the model
+                continue
+            local = name[len(self.prefix):]
+            for matcher, transform, why in self.irreversible:
+                if matcher._scoped_match(local) is not None:
+                    raise ConfigError(
+                        f"{name}: transformers cannot reverse its weight conversion {transform!r} ({why}), so "
+                        f"rlsync cannot yield this tensor in checkpoint format"
+                    )
+            key, pattern = rename_source_key(local, self.renamings, self.converters, reverse=True)
+            if pattern is None:
+                out[name] = Conversion(key=key, sources=[(local, None)], model=self.model, prefix=self.prefix)
+                continue
+            conversion = by_key.get(key)
+            if conversion is None:
+                conversion = by_key[key] = Conversion(
+                    key=key, converter=self._by_pattern[pattern], model=self.model, prefix=self.prefix,
+                )
+            conversion.sources.append((local, pattern))
+            out[name] = conversion
+        return out
+
+
+def checkpoint_format(model: nn.Module) -> CheckpointFormat | None:
+    """The reversed conversions of the outermost transformers model inside `model` (any wrapping); None when none apply."""
+    if "transformers" not in sys.modules:  # a model cannot be a transformers model unless it was imported
+        return None
+    import transformers
+    from transformers import PreTrainedModel
+
+    found = next(((path, m) for path, m in model.named_modules() if isinstance(m, PreTrainedModel)), None)
+    if found is None:
+        return None
+    major = int(transformers.__version__.split(".", 1)[0])
+    if major < _MIN_TRANSFORMERS_MAJOR:
+        return None  # transformers 4 keeps checkpoint layout in memory
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    path, hf_model = found
+    transforms = getattr(hf_model, "_weight_conversions", None)
+    if transforms is None:  # built from a config, not from_pretrained: as revert_weight_conversion
+        transforms = get_model_conversion_mapping(hf_model, add_legacy=False)
+        transforms = [t for t in transforms if not isinstance(t, PrefixChange)]
+    if not transforms:
+        return None
+    prefix = hf_name(f"{path}.x")[:-1] if path else ""  # "" or "outer.": wrapper segments dropped as for every name
+    return CheckpointFormat(hf_model, prefix, list(transforms))
