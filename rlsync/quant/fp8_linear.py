@@ -19,12 +19,20 @@ tensors, free of vLLM, so unit tests run it directly:
   per-tensor arithmetic runs through `rlsync.quant.fused` (the reference
   compiled into one loop, same bits); per-block stays eager, which measured
   faster than its compiled form. Bits equal `quantize_full` for every scheme.
+  A whole fused weight (Phi-3's `qkv_proj` / `gate_up_proj`, vLLM's shard id
+  None) quantizes every shard at once.
+- `PendingRows`: block scheme, a fused shard boundary inside a block row (q
+  width 288, intermediate 520 with 128-row blocks): that block row straddles
+  two or more shards, so it is quantized once all its parts have arrived, as
+  vLLM's online block FP8 quantizes the fused weight. Until then, and between
+  syncs, the layer holds fewer than one block height of rows per such
+  boundary (see `PendingRows` for the bound and why it is kept).
 
 Limitations:
-1. Block scheme on a fused layer: every shard but the last must start on a
-   block-row boundary (a block may not straddle two checkpoint tensors), as
-   for vLLM's block-FP8 checkpoints; otherwise `check_shards` raises.
-2. Tensor parallel size 1 (each shard arrives whole).
+1. Tensor parallel size 1 (each shard arrives whole).
+2. Block scheme with straddling block rows: the held rows (at most
+   `(bn - 1) * K` engine-dtype elements per boundary) live on the method, outside
+   the reload's live-bytes accounting, and are kept between syncs.
 """
 
 from __future__ import annotations
@@ -99,16 +107,13 @@ class Fp8Config:
 
 
 def check_shards(config: Fp8Config, widths: Sequence[int]) -> None:
-    """Raise `ConfigError` if the block scheme would put a block across two shards."""
-    if config.scheme != "block":
-        return
-    bn = config.block[0]
-    offset = 0
-    for i, width in enumerate(widths[:-1]):
-        offset += width
-        if offset % bn:
-            raise ConfigError(f"rlsync_fp8 block {config.block}: fused shard {i + 1} starts at row {offset}, "
-                              f"not a multiple of {bn}; use a block height dividing {math.gcd(*widths)} or scheme 'channel'")
+    """Raise `ConfigError` if `config` cannot quantize a layer with these fused shard widths.
+
+    Every scheme fits any positive widths: a block that straddles two shards is
+    quantized once both have arrived (`PendingRows`), so no block shape is refused.
+    """
+    if any(int(w) <= 0 for w in widths):
+        raise ConfigError(f"rlsync_fp8 scheme {config.scheme!r}: fused shard widths {list(widths)} must be positive")
 
 
 def quantize_full(config: Fp8Config, weight_NK: torch.Tensor, widths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,11 +125,15 @@ def quantize_full(config: Fp8Config, weight_NK: torch.Tensor, widths: Sequence[i
     return reference.fp8_per_block(weight_NK, config.block)
 
 
-def shard_index(shard_id: Any, num_shards: int) -> int:
-    """vLLM's shard id (`q`/`k`/`v`, or an int for gate/up; None for unfused) -> shard index."""
+def shard_index(shard_id: Any, num_shards: int) -> int | None:
+    """vLLM's shard id (`q`/`k`/`v`, or an int for gate/up) -> shard index.
+
+    None (vLLM's id for a whole checkpoint tensor) is shard 0 of an unfused
+    layer, and None (the whole fused weight, as Phi-3 stores it) for a fused one.
+    """
     if shard_id is None:
-        index = 0
-    elif isinstance(shard_id, str):
+        return 0 if num_shards == 1 else None
+    if isinstance(shard_id, str):
         if shard_id not in ("q", "k", "v"):
             raise ValueError(f"unknown shard id {shard_id!r}")
         index = "qkv".index(shard_id)
@@ -135,14 +144,89 @@ def shard_index(shard_id: Any, num_shards: int) -> int:
     return index
 
 
+class PendingRows:
+    """One fused layer's rows of block rows that straddle shards, until every part has arrived.
+
+    A block row straddles when a shard boundary falls inside it (row offset not
+    a multiple of the block height `bn`); its scales depend on the rows of every
+    shard in it. For each such block row this keeps, per shard, the rows of that
+    shard's latest arrival (engine dtype, kernel device). The arrival that makes
+    every part present quantizes the block row from them and drops the oldest
+    part, so a block row never holds all its parts after an arrival.
+
+    Memory bound: fewer than `bn` rows per straddling block row, so at most
+    `(bn - 1) * K` engine-dtype elements per shard boundary that is not a
+    multiple of `bn` (`(bn - 1) * K * (num_shards - 1)` for the layer), held
+    between syncs; the arrival that completes a block row briefly holds its `bn`
+    rows.
+
+    Why nothing is cleared when a layer looks complete: within one sync each
+    shard arrives once. While a part of this sync is still to come, its held
+    rows predate every part of this sync, so an earlier completion drops one of
+    those older parts and never a part of this sync: the last part of a block
+    row to arrive finds every other part of this sync and writes the right
+    bits. Rows left by an aborted sync can only make an earlier arrival write a
+    block row from old rows, which that last arrival rewrites. A rule that frees
+    the rows once every shard has arrived cannot tell an aborted sync's part
+    from this sync's and then misses that rewrite (abort after q; next sync k,
+    v, q: q's block row would wait for a k that already came). `clear()` is
+    only safe while no sync is half-way (a whole fused arrival, processing).
+    """
+
+    def __init__(self) -> None:
+        self.parts: dict[int, dict[int, torch.Tensor]] = {}
+        """Block row -> shard index -> rows, in arrival order."""
+
+    def num_rows(self) -> int:
+        return sum(len(rows) for parts in self.parts.values() for rows in parts.values())
+
+    def clear(self) -> None:
+        self.parts.clear()
+
+    def arrive(self, block_row: int, index: int, rows: torch.Tensor, needed: Sequence[int]) -> torch.Tensor | None:
+        """Hold `rows` as shard `index`'s part; the whole block row (parts in shard order) once all `needed` are held."""
+        parts = self.parts.setdefault(block_row, {})
+        parts.pop(index, None)
+        parts[index] = rows  # last in arrival order
+        if any(i not in parts for i in needed):
+            return None
+        whole = torch.cat([parts[i] for i in sorted(needed)])
+        del parts[next(iter(parts))]  # the oldest part
+        return whole
+
+
 def quantize_shard_into(config: Fp8Config, q_NK: torch.Tensor, scale: torch.Tensor, widths: Sequence[int],
-                        index: int, shard: torch.Tensor, dtype: torch.dtype, chunk_elems: int = CHUNK_ELEMS) -> None:
-    """Quantize `shard` (rows of shard `index`, any dtype/device) into `q_NK` and `scale` in place."""
+                        index: int | None, shard: torch.Tensor, dtype: torch.dtype, chunk_elems: int = CHUNK_ELEMS,
+                        pending: PendingRows | None = None) -> None:
+    """Quantize `shard` (rows of shard `index`, any dtype/device) into `q_NK` and `scale` in place.
+
+    `index=None`: `shard` is the whole fused weight (every shard's rows).
+    `pending`: the layer's `PendingRows`; needed by the block scheme when a
+    shard boundary falls inside a block row (else ValueError).
+    """
     widths = list(widths) or [q_NK.shape[0]]
-    n_shard, k = widths[index], q_NK.shape[1]
+    n, k = q_NK.shape
+    if index is None:
+        if tuple(shard.shape) != (n, k):
+            raise ValueError(f"a whole fused weight (shards {widths}) has shape {(n, k)}, got {tuple(shard.shape)}; "
+                             "a single shard needs its shard id")
+        if config.scheme == "block":
+            _block_rows_into(config, q_NK, scale, 0, shard, dtype, chunk_elems)
+            if pending is not None:
+                pending.clear()  # every block row is written; the layer is complete for this sync
+            return
+        start = 0
+        for i, width in enumerate(widths):  # one scale per shard for `tensor`, rows alone for `channel`
+            quantize_shard_into(config, q_NK, scale, widths, i, shard[start:start + width], dtype, chunk_elems)
+            start += width
+        return
+    n_shard = widths[index]
     if tuple(shard.shape) != (n_shard, k):
         raise ValueError(f"shard {index} has shape {tuple(shard.shape)}, expected {(n_shard, k)}")
     start = sum(widths[:index])
+    if config.scheme == "block":
+        _block_shard_into(config, q_NK, scale, widths, index, start, shard, dtype, chunk_elems, pending)
+        return
     rows = q_NK[start:start + n_shard]
 
     def chunks(step: int):
@@ -154,15 +238,6 @@ def quantize_shard_into(config: Fp8Config, q_NK: torch.Tensor, scale: torch.Tens
             q, s = fused.fp8_per_channel(w)
             rows[r:r + len(w)].copy_(q)
             scale[start + r:start + r + len(w)].copy_(s)
-    elif config.scheme == "block":
-        bn, bk = config.block
-        if start % bn:
-            raise ValueError(f"shard {index} starts at row {start}, not on a {bn}-row block boundary")
-        step = bn * max(1, chunk_elems // (bn * math.ceil(k / bk) * bk))
-        for r, w in chunks(step):
-            q, s = reference.fp8_per_block(w, config.block)  # compiled, this 4-D reduction ran slower
-            rows[r:r + len(w)].copy_(q)
-            scale[(start + r) // bn:(start + r) // bn + s.shape[0]].copy_(s)
     else:
         step = max(1, chunk_elems // k)
         lo_hi = [torch.stack(w.aminmax()).abs().max() for _, w in chunks(step)]
@@ -170,3 +245,46 @@ def quantize_shard_into(config: Fp8Config, q_NK: torch.Tensor, scale: torch.Tens
         for r, w in chunks(step):
             rows[r:r + len(w)].copy_(fused.quantize_with_tensor_scale(w, s))
         scale[index:index + 1].copy_(s)
+
+
+def _block_rows_into(config: Fp8Config, q_NK: torch.Tensor, scale: torch.Tensor, row0: int, w_RK: torch.Tensor,
+                     dtype: torch.dtype, chunk_elems: int) -> None:
+    """Quantize whole block rows `w_RK` (starting at block-aligned row `row0`) in row chunks."""
+    bn, bk = config.block
+    assert row0 % bn == 0, "block rows start on a block boundary"
+    k = q_NK.shape[1]
+    step = bn * max(1, chunk_elems // (bn * math.ceil(k / bk) * bk))
+    for r in range(0, len(w_RK), step):
+        w = w_RK[r:r + step].to(device=q_NK.device, dtype=dtype)
+        q, s = reference.fp8_per_block(w, config.block)  # compiled, this 4-D reduction ran slower
+        q_NK[row0 + r:row0 + r + len(w)].copy_(q)
+        scale[(row0 + r) // bn:(row0 + r) // bn + s.shape[0]].copy_(s)
+
+
+def _block_shard_into(config: Fp8Config, q_NK: torch.Tensor, scale: torch.Tensor, widths: Sequence[int], index: int,
+                      start: int, shard: torch.Tensor, dtype: torch.dtype, chunk_elems: int,
+                      pending: PendingRows | None) -> None:
+    """Block scheme, one shard: its own block rows now, straddling ones through `pending`."""
+    bn, n = config.block[0], q_NK.shape[0]
+    end = start + len(shard)
+    own_lo = -(-start // bn) * bn
+    own_hi = end if end == n else end // bn * bn
+    if own_lo < own_hi:
+        _block_rows_into(config, q_NK, scale, own_lo, shard[own_lo - start:own_hi - start], dtype, chunk_elems)
+    if end == start:
+        return
+    bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+    for b in sorted({start // bn, (end - 1) // bn}):
+        lo, hi = b * bn, min((b + 1) * bn, n)
+        if start <= lo and hi <= end:
+            continue  # one of the shard's own block rows
+        if pending is None:
+            raise ValueError(f"shard {index} (rows {start}..{end}) shares block row {b} with another shard; "
+                             "quantizing it needs the layer's PendingRows")
+        needed = [i for i, w in enumerate(widths) if w and bounds[i] < hi and bounds[i + 1] > lo]
+        rows = shard[max(lo, start) - start:min(hi, end) - start].to(device=q_NK.device, dtype=dtype, copy=True)  # no view of `shard`
+        whole = pending.arrive(b, index, rows, needed)
+        if whole is not None:
+            q, s = reference.fp8_per_block(whole, config.block)
+            q_NK[lo:hi].copy_(q)
+            scale[b:b + 1].copy_(s)

@@ -15,7 +15,8 @@ quantize each arriving shard straight into the kernel tensors.
   standard layout (`weight` e4m3 (N, K), `weight_scale` fp32; see
   `rlsync.quant.fp8_linear`) and puts an arrival loader on the new `weight`:
   with `rlsync_arrival = True`, rlsync's reload backend leaves the kernel
-  tensors in place and vLLM's `load_weights` calls that loader per shard.
+  tensors in place and vLLM's `load_weights` calls that loader per shard
+  (or once with the whole fused weight, as for Phi-3's `qkv_proj`).
   vLLM's layerwise reload instead restores the bf16 format (with the loaders
   from `create_weights`) and re-runs `process_weights_after_loading`; both
   paths give the same bits (`fp8_linear.quantize_full` is the reference).
@@ -31,7 +32,10 @@ Limitations:
 1. Tensor parallel size 1 (create_weights raises otherwise).
 2. Linear layers only; embeddings, the LM head and MoE experts stay unquantized.
 3. The first load holds the bf16 weights of all layers before quantizing
-   (like an unquantized model); syncs are bounded by one shard chunk.
+   (like an unquantized model); syncs are bounded by one shard chunk, plus,
+   for block scales whose block rows straddle fused shards, the rows each
+   layer holds until both parts arrive (`fp8_linear.PendingRows`: under one
+   block height of rows per such shard boundary, kept between syncs).
 """
 
 from __future__ import annotations
@@ -43,7 +47,15 @@ import torch
 
 from rlsync.adapters import vllm_quant as vq
 from rlsync.errors import ConfigError
-from rlsync.quant.fp8_linear import NAME, Fp8Config, check_shards, quantize_full, quantize_shard_into, shard_index
+from rlsync.quant.fp8_linear import (
+    NAME,
+    Fp8Config,
+    PendingRows,
+    check_shards,
+    quantize_full,
+    quantize_shard_into,
+    shard_index,
+)
 from rlsync.quant.kernels import Kernel, LinearDescriptor, choose_kernel
 from rlsync.quant.layout import QuantizedTensor
 
@@ -60,6 +72,8 @@ class RLSyncFp8LinearMethod(vq.LinearMethodBase):
         self.widths: tuple[int, ...] = ()
         self.shape: tuple[int, int] = (0, 0)
         self.kernel: Kernel | None = None
+        self.pending = PendingRows()
+        """Block scheme: rows of block rows straddling two shards, until both have arrived (one method per layer)."""
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
@@ -91,6 +105,7 @@ class RLSyncFp8LinearMethod(vq.LinearMethodBase):
         layer.register_parameter("weight", torch.nn.Parameter(q_NK, requires_grad=False))
         layer.register_parameter("weight_scale", torch.nn.Parameter(scale, requires_grad=False))
         layer.weight.weight_loader = self._arrival_loader(layer)
+        self.pending.clear()  # the whole layer was just quantized; held rows are older than it
 
     def expected_kernel_tensors(self, layer: torch.nn.Module, weight_NK: torch.Tensor) -> dict[str, torch.Tensor]:
         """What this layer's kernel tensors must hold for the (fused) engine-dtype weight `weight_NK` (verify)."""
@@ -99,12 +114,14 @@ class RLSyncFp8LinearMethod(vq.LinearMethodBase):
 
     def _arrival_loader(self, layer: torch.nn.Module):
         layer_ref = weakref.ref(layer)
-        config, widths = self.config, self.widths
+        config, widths, pending = self.config, self.widths, self.pending
 
         def rlsync_arrival_loader(param: torch.Tensor, loaded_weight: torch.Tensor, loaded_shard_id: Any = None) -> None:
+            """One shard (`q`/`k`/`v`, 0/1), or with id None the whole (possibly fused) weight."""
             owner = layer_ref()
             index = shard_index(loaded_shard_id, len(widths))
-            quantize_shard_into(config, param.data, owner.weight_scale.data, widths, index, loaded_weight, owner.orig_dtype)
+            quantize_shard_into(config, param.data, owner.weight_scale.data, widths, index, loaded_weight,
+                                owner.orig_dtype, pending=pending)
 
         return rlsync_arrival_loader
 
