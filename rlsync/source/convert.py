@@ -145,7 +145,7 @@ class CheckpointFormat:
 
 
 def checkpoint_format(model: nn.Module) -> CheckpointFormat | None:
-    """The reversed conversions of the outermost transformers model inside `model` (any wrapping); None when none apply."""
+    """Reversed conversions of the outermost transformers model inside `model` (any wrapping); None if none apply."""
     if "transformers" not in sys.modules:  # a model cannot be a transformers model unless it was imported
         return None
     import transformers

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from rlsync.errors import ConfigError
 from rlsync.source.base import Group, SourceConfig, TensorMeta, WeightSource
 from rlsync.source.convert import Conversion, checkpoint_format
 from rlsync.source.lockstep import Lockstep, LockstepError, distributed_world
@@ -203,6 +204,13 @@ class GatheringSource(WeightSource):
 
     def _group_plan(self, items: list[Item]) -> GroupPlan:
         key = group_key(items[0].name) or items[0].name.rsplit(".", 1)[0]
+        names = {item.name for item in items}
+        for item in items:
+            if self._converts(item) and not names.issuperset(item.conversion.input_names):
+                raise ConfigError(
+                    f"{item.name}: transformers converts it together with {item.conversion.input_names}, which "
+                    f"span more than one layer group; rlsync converts one layer group at a time"
+                )
         # the inputs of one conversion sit next to each other (at the first one's place), so no bucket splits them
         order: dict[int, list[Item]] = {}
         for item in items:
