@@ -36,8 +36,10 @@ def test_sync_benchmark_quick(tmp_path):
         assert len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])
         assert r["peak_rss_bytes"] >= 0
     assert records["rlsync"]["verify"].startswith("ok")
-    # rlsync's backend counts its load-format bytes: something, and at most one layer (or the embedding)
+    # rlsync's backend counts its load-format bytes: at most one layer (or the embedding). Zero where vLLM keeps
+    # bf16 linear weights as they load (CPUs without AVX-512: oneDNN has no bf16 matmul, every layer loads in place).
     facts = model["facts"]
-    assert 0 < records["rlsync"]["peak_live_bytes"] <= max(facts["layer_bytes"], facts["max_tensor_bytes"])
+    assert 0 <= records["rlsync"]["peak_live_bytes"] <= max(facts["layer_bytes"], facts["max_tensor_bytes"])
+    assert records["rlsync"]["peak_live_bytes"] is not None
     assert model["floor_s"]["bf16"] > 0
     assert "| bf16 | rlsync |" in proc.stdout and "| bf16 | native |" in proc.stdout
