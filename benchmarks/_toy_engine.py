@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlsync.quant.fp8_linear import Fp8Config, check_shards, quantize_full, quantize_shard_into, shard_index
+from rlsync.quant.fp8_linear import Fp8Config, PendingRows, check_shards, quantize_full, quantize_shard_into, shard_index
 
 
 @dataclasses.dataclass(kw_only=True, slots=True, frozen=True)
@@ -72,18 +72,20 @@ class ArrivalFp8Method:
     def __init__(self, config: Fp8Config, widths: tuple[int, ...]) -> None:
         check_shards(config, widths)
         self.config, self.widths = config, widths
+        self.pending = PendingRows()  # rows of blocks that straddle two shards, until both have arrived
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         q_NK, scale = quantize_full(self.config, layer.weight.data, self.widths)
         del layer.weight
         layer.register_parameter("weight", nn.Parameter(q_NK, requires_grad=False))
         layer.register_parameter("weight_scale", nn.Parameter(scale, requires_grad=False))
-        layer_ref, config, widths = weakref.ref(layer), self.config, self.widths
+        layer_ref, config, widths, pending = weakref.ref(layer), self.config, self.widths, self.pending
 
         def rlsync_arrival_loader(param: torch.Tensor, loaded_weight: torch.Tensor, loaded_shard_id: Any = None) -> None:
             owner = layer_ref()
             index = shard_index(loaded_shard_id, len(widths))
-            quantize_shard_into(config, param.data, owner.weight_scale.data, widths, index, loaded_weight, torch.bfloat16)
+            quantize_shard_into(config, param.data, owner.weight_scale.data, widths, index, loaded_weight, torch.bfloat16,
+                                pending=pending)
 
         layer.weight.weight_loader = rlsync_arrival_loader
 

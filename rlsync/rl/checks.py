@@ -2,9 +2,9 @@
 
 Why: some settings are each valid alone and impossible together, and vLLM
 would only say so after a minute of start-up (or, on a GPU box, after loading
-a model): a block-FP8 layout whose block height splits a fused q/k/v or
-gate/up projection, a context longer than the model's positions, prompts that
-cannot fit the engine's context. These checks read only the model's
+a model): a context longer than the model's positions, prompts that cannot fit
+the engine's context. (A block-FP8 block that straddles two fused shards is no
+longer a misfit: `rlsync_fp8` completes it when both shards have arrived.) These checks read only the model's
 `config.json` (cheap) and raise `ConfigError` naming the key to change.
 
 `check_run` is called twice: when the config loads (with `model.path` not yet
@@ -12,10 +12,7 @@ existing, as in a GPU config validated on a laptop, the model checks are
 skipped) and at the start of a run, once the path must exist.
 
 Limitations:
-1. Fused-projection widths are derived for Llama/Qwen-style configs
-   (`num_attention_heads`, `num_key_value_heads`, `head_dim`,
-   `intermediate_size`); other architectures get the engine-only checks.
-2. The prompt-length bound assumes at most one token per prompt character plus
+1. The prompt-length bound assumes at most one token per prompt character plus
    special tokens, true of the built-in character tokenizer and of BPE
    tokenizers on the synthetic prompts.
 """
@@ -30,7 +27,6 @@ from typing import Any
 from rlsync.default_model import TinyModelSpec
 from rlsync.engine import EngineConfig
 from rlsync.errors import ConfigError
-from rlsync.quant.fp8_linear import check_shards
 from rlsync.rl.trainer_model import ModelConfig
 
 _PROMPT_SPECIALS = 3  # the task's ":" separator plus BOS/EOS a tokenizer may add
@@ -48,19 +44,6 @@ def model_config(model: ModelConfig) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except ValueError as exc:
         raise ConfigError(f"model.path: {path} is not valid JSON: {exc}") from exc
-
-
-def fused_widths(config: dict[str, Any]) -> dict[str, list[int]]:
-    """Row widths of the checkpoint tensors each fused projection is built from."""
-    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
-    if not heads or not hidden:
-        return {}
-    head_dim = config.get("head_dim") or hidden // heads
-    kv = config.get("num_key_value_heads") or heads
-    out = {"qkv_proj": [heads * head_dim, kv * head_dim, kv * head_dim]}
-    if config.get("intermediate_size"):
-        out["gate_up_proj"] = [config["intermediate_size"]] * 2
-    return out
 
 
 def check_run(model: ModelConfig, engine: EngineConfig, *, prompt_length: int, max_tokens: int,
@@ -84,12 +67,3 @@ def check_run(model: ModelConfig, engine: EngineConfig, *, prompt_length: int, m
     if positions and engine.max_model_len is not None and engine.max_model_len > positions:
         raise ConfigError(f"engine.max_model_len: {engine.max_model_len} exceeds the model's max_position_embeddings "
                           f"({positions}, {model.path or 'built-in tiny model'})")
-    fp8 = engine.fp8()
-    if fp8 is not None and fp8.scheme == "block":
-        for layer, widths in fused_widths(config).items():
-            try:
-                check_shards(fp8, widths)
-            except ConfigError as exc:
-                raise ConfigError(f"{engine.fp8_key()}: {fp8.block} does not "
-                                  f"fit {layer} (shards {widths}) of {model.path or 'the built-in tiny model'}: {exc}"
-                                  ) from exc

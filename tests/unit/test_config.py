@@ -46,8 +46,6 @@ def test_shipped_configs_exist():
     ("recipe: nope\n", [], "recipe: 'nope' is not one of"),
     ("recipe: grpo\nengine: {quantization: null, fp8_scheme: block}\n", [], "engine.fp8_scheme / engine.fp8_options"),
     ("recipe: grpo\nengine: {quantization: rlsync_fp8, fp8_scheme: rows}\n", [], "engine.fp8_scheme: 'rows' is not one of"),
-    ("recipe: grpo\nengine: {quantization: rlsync_fp8, fp8_scheme: block, fp8_options: {block: [96, 128]}}\n", [],
-     "engine.fp8_options.block"),
     ("recipe: grpo\nengine: {quantization: rlsync_fp8, fp8_options: {blok: [128, 128]}}\n", [], "engine.fp8_options"),
     ("recipe: grpo\nrun: 3\n", [], "run: expected a mapping"),
 ])
