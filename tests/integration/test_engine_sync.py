@@ -132,7 +132,13 @@ def test_incomplete_sync_is_an_error(engine, trainer_model):
 
 
 def test_verify_catches_a_stale_tied_head(engine, trainer_model, monkeypatch):
-    """Without re-deriving the tied LM head's kernel state, verify must fail (it is not a rubber stamp)."""
+    """Without re-deriving the tied LM head's kernel state, verify must fail (it is not a rubber stamp).
+
+    Where oneDNN runs bf16 (AVX-512) vLLM packs the head into its own handle, a copy of the weight; on AVX2 CPUs
+    it falls back to torch's linear over the shared weight. The handle installed here is that copy on any CPU.
+    """
+    head = engine.model.lm_head
+    head.cpu_linear = lambda x, weight, bias, stale=head.weight.detach().clone(): torch.nn.functional.linear(x, stale, bias)
     monkeypatch.setattr(vllm_layers, "refresh_tied_followers", lambda model: None)
     perturb(trainer_model, seed=4)
     with pytest.raises(SyncError, match="lm_head"):
