@@ -13,7 +13,6 @@ engine tolerance of tests/integration/test_engine_sync.py (0.02).
     torchrun --nproc_per_node 2 tests/distributed/worker_e2e.py TINY_PATH
 """
 
-import copy
 import os
 import random
 import sys
@@ -27,37 +26,22 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 
 from tests.distributed.common import decoder_layers, load_model, log, main_guard, train_step, write_result  # noqa: E402
+from tests.integration.support import dequantized_trainer, hf_logprobs  # noqa: E402
 
 BF16_LOGPROB_TOL = 0.02  # tests/integration/test_engine_sync.py
 FP8_VS_DEQUANTIZED_TOL = 2 * BF16_LOGPROB_TOL + 1e-3
 SEQS = [[random.Random(s).randrange(4, 64) for _ in range(24)] for s in range(3)]
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def logprobs(model) -> list[torch.Tensor]:
-    out = []
-    with torch.no_grad():
-        for seq in SEQS:
-            logits = model(torch.tensor([seq])).logits[0, :-1].float()
-            out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0])
-    return out
+    return hf_logprobs(model, SEQS)
 
 
 def dequantized_copy(path: str, sharded) -> torch.nn.Module:
     """An unsharded copy of the trainer with every linear weight replaced by its FP8 (channel) dequantization."""
-    from rlsync.quant import reference as ref
-    from rlsync.quant.fp8_linear import Fp8Config, quantize_full
-
     model = load_model(path)
     model.load_state_dict(get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True)))
-    cfg = Fp8Config(scheme="channel")
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.rpartition(".")[2] in LINEARS:
-                w = module.weight.to(torch.bfloat16)
-                q, s = quantize_full(cfg, w, [w.shape[0]])
-                module.weight.copy_(ref.dequantize(q, ref.expand_scale(s, tuple(w.shape), granularity="channel")))
-    return model
+    return dequantized_trainer(model, "channel")
 
 
 def main():

@@ -65,11 +65,11 @@ def kernel_bits(engine):
     return out
 
 
-def hf_logprobs(model):
-    """Log-prob of every next token of each of `SEQS` under an HF causal LM."""
+def hf_logprobs(model, seqs=SEQS):
+    """Log-prob of every next token of each sequence (default `SEQS`) under an HF causal LM."""
     out = []
     with torch.no_grad():
-        for seq in SEQS:
+        for seq in seqs:
             logits = model(torch.tensor([seq])).logits[0, :-1].float()
             out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0])
     return out
