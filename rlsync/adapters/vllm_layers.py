@@ -11,6 +11,8 @@ never by class-name strings.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 
 import torch
@@ -23,12 +25,15 @@ def quant_method_types() -> dict[str, tuple[type, ...]]:
       (linear, embedding / LM head);
     - `fp8_per_channel_online`: vLLM's online per-channel FP8 linear
       (`quantization="fp8_per_channel"`), whose kernel weight is the (K, N)
-      transpose of the e4m3 weight with (N, 1) fp32 scales.
+      transpose of the e4m3 weight with (N, 1) fp32 scales;
+    - `unquantized_moe`: engine-dtype fused MoE experts (`w13_weight`,
+      `w2_weight`), in the expert kernel's layout (on CPU: prepacked).
     Callers only ask once vLLM is loaded (an engine exists); an empty tuple
     for a role means this vLLM has no such class.
     """
     if "vllm" not in sys.modules:
-        return {"unquantized": (), "fp8_per_channel_online": ()}
+        return {"unquantized": (), "fp8_per_channel_online": (), "unquantized_moe": ()}
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.quantization.online.fp8 import Fp8PtpcOnlineLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
@@ -36,6 +41,7 @@ def quant_method_types() -> dict[str, tuple[type, ...]]:
     return {
         "unquantized": (UnquantizedLinearMethod, UnquantizedEmbeddingMethod),
         "fp8_per_channel_online": (Fp8PtpcOnlineLinearMethod,),
+        "unquantized_moe": (UnquantizedFusedMoEMethod,),
     }
 
 
@@ -160,7 +166,108 @@ def process_layer(layer: torch.nn.Module) -> None:
     if method is None:
         return
     dropped = drop_derived_state(layer)
-    method.process_weights_after_loading(layer)
+    process_with_expert_format(method, layer)
     _check_rebuilt(layer, dropped)
     if hasattr(layer, "update_param_tp_status"):
         layer.update_param_tp_status()
+
+
+def _is_expert_weight_update(method: object) -> bool:
+    """`method` is vLLM's unquantized MoE method and its kernel exists: its next processing is a weight update."""
+    moe_types = quant_method_types()["unquantized_moe"]
+    if not (moe_types and isinstance(method, moe_types) and method.moe_kernel is not None):
+        return False
+    from vllm.model_executor.utils import is_weights_pre_processed
+
+    return not is_weights_pre_processed()
+
+
+def process_with_expert_format(method: object, layer: torch.nn.Module) -> None:
+    """`method.process_weights_after_loading(layer)`, plus the expert kernel-format step vLLM 0.32 skips on updates.
+
+    vLLM 0.32's `UnquantizedFusedMoEMethod._setup_kernel` runs the experts'
+    own `process_weights_after_loading` (on CPU: `cpu_prepack_moe_weight`,
+    which repacks `w13` / `w2` into the grouped-GEMM layout, after padding
+    the intermediate size) only when the MoE kernel does not exist yet, i.e.
+    at the first load. On a weight update it copies the checkpoint-layout
+    experts into the packed storage and skips the repack, so every expert
+    computes with scrambled weights. This runs the skipped step after an
+    update, exactly as the first load ran it; the reload then copies the
+    result into the kernel storage as for any processed layer.
+    """
+    if not _is_expert_weight_update(method):
+        method.process_weights_after_loading(layer)
+        return
+    type(method).process_weights_after_loading(method, layer)  # vLLM's, not a patch of `expert_format_on_update`
+    method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+
+@contextlib.contextmanager
+def expert_format_on_update(model: torch.nn.Module):
+    """While open, every unquantized MoE method of `model` processes through `process_with_expert_format`.
+
+    For reloads that call `quant_method.process_weights_after_loading`
+    themselves (vLLM's layerwise reload); instance attributes, removed on exit.
+    """
+    moe_types = quant_method_types()["unquantized_moe"]
+    methods = [m for m in (getattr(mod, "quant_method", None) for mod in model.modules())
+               if moe_types and isinstance(m, moe_types)]
+    for method in methods:
+        method.process_weights_after_loading = functools.partial(process_with_expert_format, method)
+    try:
+        yield len(methods)
+    finally:
+        for method in methods:
+            method.__dict__.pop("process_weights_after_loading", None)
+
+
+def is_routed_experts(module: torch.nn.Module) -> bool:
+    """`module` is vLLM's fused MoE expert layer (`RoutedExperts`: `w13_weight`, `w2_weight`)."""
+    if "vllm.model_executor.layers.fused_moe" not in sys.modules:
+        return False
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    return isinstance(module, RoutedExperts)
+
+
+def expert_checkpoint_names(module: torch.nn.Module) -> dict[str, list[list[str]]]:
+    """For a `RoutedExperts` layer: per weight (`w13_weight`, `w2_weight`), per expert, the checkpoint names it loads.
+
+    `w13_weight` expert e is its gate (`w1`) rows then its up (`w3`) rows;
+    `w2_weight` expert e is its down projection. The names come from the
+    layer's own expert mapping (the one its `load_weights` uses), so Mixtral's
+    `w1`/`w2`/`w3` and Qwen's `gate_proj`/`up_proj`/`down_proj` both resolve.
+    """
+    num = module.local_num_experts
+    shards: dict[str, list[dict[str, str]]] = {"w13_weight": [{} for _ in range(num)], "w2_weight": [{} for _ in range(num)]}
+    for param_prefix, weight_name, expert_id, shard_id in module.get_expert_mapping():
+        param = param_prefix.rpartition(".")[2] + "weight"
+        if param not in shards or not 0 <= expert_id < num:
+            continue
+        shards[param][expert_id][shard_id] = f"{module.layer_name}.{weight_name.removeprefix('experts.')}weight"
+    order = {"w13_weight": ("w1", "w3"), "w2_weight": ("w2",)}
+    out = {}
+    for param, experts in shards.items():
+        out[param] = []
+        for e, names in enumerate(experts):
+            if set(names) != set(order[param]):
+                raise RuntimeError(f"{module.layer_name}: expert {e} of {param} maps to shards {sorted(names)}")
+            out[param].append([names[s] for s in order[param]])
+    return out
+
+
+def expert_kernel_format(method: object, module: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What an unquantized MoE layer's kernel tensors hold for stacked experts `w13` (E, 2I, H), `w2` (E, H, I).
+
+    Runs the layer's own processing (`process_with_expert_format`: vLLM's
+    kernel-format step, on CPU the grouped-GEMM prepack) on a stand-in module
+    holding copies, so the layer itself is not touched.
+    """
+    stand_in = torch.nn.Module()
+    for attr in ("moe_config", "activation"):
+        if hasattr(module, attr):
+            setattr(stand_in, attr, getattr(module, attr))
+    stand_in.register_parameter("w13_weight", torch.nn.Parameter(w13.clone(), requires_grad=False))
+    stand_in.register_parameter("w2_weight", torch.nn.Parameter(w2.clone(), requires_grad=False))
+    process_with_expert_format(method, stand_in)
+    return {"w13_weight": stand_in.w13_weight.data, "w2_weight": stand_in.w2_weight.data}
