@@ -31,7 +31,12 @@ from vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel import ( 
     FP8ScaledMMLinearKernel,
     FP8ScaledMMLinearLayerConfig,
 )
-from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase  # noqa: E402
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation  # noqa: E402
+from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG  # noqa: E402
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase  # noqa: E402
+from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear  # noqa: E402
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts  # noqa: E402
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod  # noqa: E402
 from vllm.model_executor.layers.quantization import register_quantization_config  # noqa: E402
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig  # noqa: E402
 from vllm.model_executor.layers.quantization.utils.quant_utils import (  # noqa: E402
@@ -47,6 +52,8 @@ from vllm.platforms import current_platform  # noqa: E402
 
 __all__ = [
     "FP8ScaledMMLinearKernel",
+    "FUSED_MOE_UNQUANTIZED_CONFIG",
+    "FusedMoEMethodBase",
     "LinearBase",
     "LinearMethodBase",
     "ModelWeightParameter",
@@ -56,8 +63,43 @@ __all__ = [
     "device_type",
     "make_fp8_kernel",
     "register_quantization_config",
+    "RoutedExperts",
+    "UnquantizedLinearMethod",
+    "expert_problems",
+    "is_router_gate",
     "set_weight_attrs",
 ]
+
+ROUTER_GATE_LEAVES = ("shared_expert_gate",)
+"""Plain linears that gate experts (Qwen2-MoE's shared-expert gate) besides vLLM's `GateLinear` routers."""
+
+
+def is_router_gate(layer: torch.nn.Module, prefix: str) -> bool:
+    """A linear that computes routing or expert-gating logits (kept in the engine dtype)."""
+    return isinstance(layer, GateLinear) or prefix.rpartition(".")[2] in ROUTER_GATE_LEAVES
+
+
+def expert_problems(layer: torch.nn.Module) -> list[str]:
+    """Why rlsync's FP8 experts cannot compute `layer` (a `RoutedExperts`); empty when they can.
+
+    rlsync's experts compute gated SiLU experts (`silu(x W1^T) * (x W3^T)`,
+    then `W2`), without biases, expert parallelism or router weights applied to
+    the input, at tensor parallel size 1.
+    """
+    moe = layer.moe_config
+    problems = []
+    if not moe.is_act_and_mul or moe.activation != MoEActivation.SILU:
+        problems.append(f"activation {moe.activation.value} (gated={moe.is_act_and_mul}); only gated silu")
+    if moe.has_bias:
+        problems.append("expert biases")
+    if getattr(layer, "apply_router_weight_on_input", False):
+        problems.append("router weights applied to the input")
+    if moe.moe_parallel_config.tp_size != 1 or moe.moe_parallel_config.use_ep:
+        problems.append(f"tensor parallel {moe.moe_parallel_config.tp_size} / expert parallel "
+                        f"{moe.moe_parallel_config.use_ep}; only 1 / off")
+    if moe.num_experts != moe.num_local_experts:
+        problems.append(f"{moe.num_experts} global vs {moe.num_local_experts} local experts (redundant or sharded)")
+    return problems
 
 
 def device_type() -> str:

@@ -12,13 +12,19 @@ How each quantized layer is derived comes from its quant method
 keyed by type); a method without a reference fails verify, naming it.
 The pass reads the source again group by group, so memory stays bounded.
 
+Fused MoE experts (vLLM's `RoutedExperts`) are derived per expert: the
+layer's own expert mapping names the checkpoint tensors of each expert's
+`w13_weight` rows (gate, then up) and `w2_weight`; the stacked experts go
+through the quant method's expert reference (`expected.expert_reference`:
+rlsync's FP8 experts, or vLLM's kernel-format processing for engine-dtype
+experts).
+
 Verify is total or it fails: every parameter of every engine module the
 checkpoint feeds is a tensor the sync wrote, and each is compared. A module
-whose parameters verify cannot derive (a layer type it does not know, such as
-fused MoE experts `w13_weight` / `w2_weight`, or a kernel tensor the reference
-does not produce) raises `SyncError` naming the layer type and the tensors,
-never a silent skip; `verify_groups` returns (compared, written) and they are
-equal.
+whose parameters verify cannot derive (a layer type it does not know, or a
+kernel tensor the reference does not produce) raises `SyncError` naming the
+layer type and the tensors, never a silent skip; `verify_groups` returns
+(compared, written) and they are equal.
 
 Limitations: 1. tensor parallel size 1 (each rank's full tensors);
 2. parameters only (buffers such as rotary caches are not checkpoint data).
@@ -32,9 +38,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from rlsync.adapters.vllm_layers import read_kernel_tensor
+from rlsync.adapters.vllm_layers import expert_checkpoint_names, is_routed_experts, read_kernel_tensor
 from rlsync.errors import SyncError
-from rlsync.quant.expected import kernel_reference
+from rlsync.quant.expected import expert_reference, kernel_reference
 
 Weights = Iterable[tuple[str, torch.Tensor]]
 """One group of checkpoint-named full tensors."""
@@ -46,6 +52,8 @@ class _Item:
     module: nn.Module
     sources: dict[str, list[str]]
     """Engine param name ('weight', 'bias') -> checkpoint names whose concatenation it loads."""
+    experts: dict[str, list[list[str]]] | None = None
+    """Fused MoE experts: param ('w13_weight', 'w2_weight') -> per expert, the names its rows load."""
 
 
 def weight_sources(module_name: str, packed: dict[str, list[str]], param: str = "weight") -> list[str]:
@@ -65,6 +73,11 @@ def checkpoint_sources(model: nn.Module, packed: dict[str, list[str]]) -> list[_
     unreadable = []
     for module_name, module in model.named_modules():
         names = [n for n, _ in module.named_parameters(recurse=False)]
+        if is_routed_experts(module):
+            experts = expert_checkpoint_names(module)
+            items.append(_Item(module_name=module_name, module=module, experts=experts,
+                               sources={p: [n for names in per_expert for n in names] for p, per_expert in experts.items()}))
+            continue
         if names and "weight" not in names:
             unreadable.append(f"{module_name} ({type(module).__name__}: {', '.join(names)})")
             continue
@@ -93,10 +106,16 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def expected_tensors(item: _Item, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What `item.module`'s parameters must hold, from checkpoint-named tensors."""
+    method = getattr(item.module, "quant_method", None)
     try:
-        ref = kernel_reference(getattr(item.module, "quant_method", None))
+        ref = expert_reference(method) if item.experts is not None else kernel_reference(method)
     except SyncError as exc:
         raise type(exc)(f"verify: {exc} ({item.module_name})") from exc
+    if item.experts is not None:
+        dtype = getattr(item.module, "orig_dtype", None) or item.module.w13_weight.dtype
+        stacked = {p: torch.stack([torch.cat([tensors[n] for n in names]) for names in per_expert]).to(dtype)
+                   for p, per_expert in item.experts.items()}
+        return ref(item.module, stacked["w13_weight"], stacked["w2_weight"])
     out: dict[str, torch.Tensor] = {}
     for pname, names in item.sources.items():
         current = read_kernel_tensor(item.module, pname)

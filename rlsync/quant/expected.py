@@ -5,11 +5,14 @@ checkpoint-format weight, the exact tensors a layer's kernel holds. How to do
 that depends on the layer's quant method, so the answer lives with the
 quantization code, never in the engine as class-name strings:
 - rlsync's own methods (the `rlsync_fp8` plugin) answer themselves through an
-  `expected_kernel_tensors(layer, weight_NK)` method;
+  `expected_kernel_tensors(layer, weight_NK)` method (fused MoE experts:
+  `expected_expert_tensors(layer, w13, w2)`);
 - vLLM's methods are registered here by type (`register_reference`), with the
   types `rlsync.adapters.vllm_layers.quant_method_types` names (unquantized
   linear / embedding: the engine-dtype weight; vLLM's online per-channel FP8:
-  the transposed e4m3 weight and its per-channel scales).
+  the transposed e4m3 weight and its per-channel scales; unquantized fused
+  experts: the stacked experts in the expert kernel's layout, from vLLM's own
+  processing run on copies).
 A method that is neither raises `UnknownQuantMethod` naming it: verify fails
 loudly instead of skipping a layer.
 """
@@ -27,6 +30,8 @@ from rlsync.quant import reference
 
 Reference = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
 """fn(layer, weight_NK in the engine dtype) -> {kernel parameter name: expected tensor}."""
+ExpertReference = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+"""fn(layer, w13 (E, 2I, H), w2 (E, H, I) in the engine dtype) -> {kernel parameter name: expected tensor}."""
 
 _BY_TYPE: dict[type, Reference | None] = {}
 
@@ -68,3 +73,13 @@ def kernel_reference(method: object) -> Reference | None:
         if cls in _BY_TYPE:
             return _BY_TYPE[cls]
     raise UnknownQuantMethod(f"verify has no reference for quant method {type(method).__name__}")
+
+
+def expert_reference(method: object) -> ExpertReference:
+    """The reference for a fused MoE layer's `quant_method`; raises `UnknownQuantMethod` if rlsync has none."""
+    own = getattr(method, "expected_expert_tensors", None)
+    if callable(own):
+        return own
+    if isinstance(method, vllm_layers.quant_method_types()["unquantized_moe"]):
+        return lambda layer, w13, w2: vllm_layers.expert_kernel_format(method, layer, w13, w2)
+    raise UnknownQuantMethod(f"verify has no reference for the experts' quant method {type(method).__name__}")

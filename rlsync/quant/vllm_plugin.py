@@ -28,9 +28,13 @@ The scheme comes from a `quantization_config` dict, passed as
 `hf_overrides={"quantization_config": {...}}` (`rlsync.quant.plugin.hf_overrides`)
 so vLLM's worker processes see it too; without one the scheme is `channel`.
 
+MoE: fused experts get `rlsync.quant.vllm_experts.RLSyncFp8ExpertsMethod`
+(FP8 per expert and shard, quantized on arrival); router gates (`GateLinear`,
+`shared_expert_gate`) keep the engine dtype in every scheme.
+
 Limitations:
 1. Tensor parallel size 1 (create_weights raises otherwise).
-2. Linear layers only; embeddings, the LM head and MoE experts stay unquantized.
+2. Linear layers and fused experts; embeddings, the LM head and router gates stay unquantized.
 3. The first load holds the bf16 weights of all layers before quantizing
    (like an unquantized model); syncs are bounded by one shard chunk, plus,
    for block scales whose block rows straddle fused shards, the rows each
@@ -58,6 +62,7 @@ from rlsync.quant.fp8_linear import (
 )
 from rlsync.quant.kernels import Kernel, LinearDescriptor, choose_kernel
 from rlsync.quant.layout import QuantizedTensor
+from rlsync.quant.vllm_experts import RLSyncFp8ExpertsMethod
 
 
 class RLSyncFp8LinearMethod(vq.LinearMethodBase):
@@ -159,8 +164,15 @@ class RLSyncFp8Config(vq.QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> RLSyncFp8Config:
         return cls(Fp8Config.from_dict(config))
 
-    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> RLSyncFp8LinearMethod | None:
-        return RLSyncFp8LinearMethod(self.fp8) if isinstance(layer, vq.LinearBase) else None
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        """FP8 for linears and fused experts; router gates stay in the engine dtype; None for the rest."""
+        if isinstance(layer, vq.RoutedExperts):
+            return RLSyncFp8ExpertsMethod(self.fp8, layer.moe_config)
+        if not isinstance(layer, vq.LinearBase):
+            return None
+        if vq.is_router_gate(layer, prefix):
+            return vq.UnquantizedLinearMethod()
+        return RLSyncFp8LinearMethod(self.fp8)
 
 
 def register() -> None:

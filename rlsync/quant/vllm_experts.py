@@ -1,0 +1,133 @@
+"""The `rlsync_fp8` plugin's method for fused MoE experts: FP8 `w13` / `w2`, quantized per expert shard.
+
+vLLM's classes come from `rlsync.adapters.vllm_quant`; importing this module
+imports vLLM. The math (scales, quantize-on-arrival, the forward) is in
+`rlsync.quant.fp8_moe`.
+
+- `create_weights` makes the checkpoint format vLLM's unquantized experts
+  use: `w13_weight` (E, 2I, H) and `w2_weight` (E, H, I) in the engine dtype,
+  with the layer's expert weight loader (per-expert gate / up / down
+  checkpoint tensors land in their rows).
+- `process_weights_after_loading` quantizes every expert (`fp8_moe.quantize_experts`)
+  into e4m3 `w13_weight` / `w2_weight` with `w13_weight_scale` /
+  `w2_weight_scale`, and puts an arrival loader on the new weights: with
+  `rlsync_arrival = True`, rlsync's reload backend keeps the kernel tensors and
+  vLLM's `load_weights` hands each expert shard to that loader, which
+  quantizes it straight into its rows. vLLM's layerwise reload instead
+  restores the engine-dtype format and processes the layer again; both give
+  the same bits.
+- `apply` routes tokens (`fp8_moe.experts_forward`) and runs each expert's
+  two linears with kernels chosen by the linear dispatch
+  (`rlsync.quant.kernels.choose_kernel` on the per-expert `LinearDescriptor`s):
+  the emulated kernel on any CPU, vLLM's FP8 scaled-mm kernels where the
+  platform has them, or the `kernel` the config forces.
+
+The router gate (`GateLinear`, and Qwen2-MoE's `shared_expert_gate`) stays in
+the engine dtype in every scheme (`RLSyncFp8Config.get_quant_method`); shared
+experts are ordinary linears and are quantized like any other.
+
+Limitations (refused with `ConfigError` at engine build, naming the layer):
+gated SiLU experts only, no expert biases, no router weights on the input,
+tensor parallel size 1 and no expert parallelism (see `fp8_moe`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from rlsync.adapters import vllm_quant as vq
+from rlsync.errors import ConfigError
+from rlsync.quant.fp8_linear import Fp8Config, PendingRows
+from rlsync.quant.fp8_moe import W2, W13, ExpertShapes, experts_forward, quantize_expert_shard_into, quantize_experts
+from rlsync.quant.kernels import Kernel, LinearDescriptor, choose_kernel
+from rlsync.quant.layout import QuantizedTensor
+
+
+class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
+    """Engine-dtype experts in, per-expert standard-layout FP8 stored, dispatched linear kernels to run them."""
+
+    rlsync_arrival = True
+    """rlsync's reload backend quantizes arriving expert shards through the weights' `weight_loader`."""
+
+    def __init__(self, config: Fp8Config, moe: Any) -> None:
+        super().__init__(moe)
+        self.config = config
+        self.layout = config.layout()
+        self.shapes: ExpertShapes | None = None
+        self.kernels: dict[str, Kernel] = {}
+        self.pending: dict[str, list[PendingRows]] = {}
+        """Block scheme: per weight, per expert, rows of block rows straddling the gate / up boundary."""
+
+    def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
+        problems = vq.expert_problems(layer)
+        if problems:
+            raise ConfigError(f"rlsync_fp8 cannot quantize the experts of {getattr(layer, 'layer_name', layer)}: "
+                              + "; ".join(problems))
+        self.shapes = shapes = ExpertShapes(num_experts=num_experts, hidden=hidden_size,
+                                            intermediate=intermediate_size_per_partition)
+        for name in (W13, W2):
+            weight = torch.nn.Parameter(torch.empty(num_experts, *shapes.shape(name), dtype=params_dtype),
+                                        requires_grad=False)
+            layer.register_parameter(name, weight)
+            vq.set_weight_attrs(weight, extra_weight_attrs)
+            desc = LinearDescriptor(weight_layout=self.layout, shape=shapes.shape(name), shard_widths=shapes.widths(name),
+                                    activation=self.config.activation, act_dtype=params_dtype, out_dtype=params_dtype,
+                                    device=vq.device_type())
+            self.kernels[name] = choose_kernel(desc, self.config.kernel)
+            self.pending[name] = [PendingRows() for _ in range(num_experts)]
+        layer.orig_dtype = params_dtype
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        assert self.shapes is not None, "create_weights sets the shapes"
+        for name in (W13, W2):
+            q, scale = quantize_experts(self.config, getattr(layer, name).data, self.shapes.widths(name))
+            delattr(layer, name)
+            layer.register_parameter(name, torch.nn.Parameter(q, requires_grad=False))
+            layer.register_parameter(f"{name}_scale", torch.nn.Parameter(scale, requires_grad=False))
+            getattr(layer, name).weight_loader = self._arrival_loader(layer, name)
+            for rows in self.pending[name]:
+                rows.clear()  # every expert was just quantized whole
+
+    def expected_expert_tensors(self, layer: torch.nn.Module, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the layer's kernel tensors must hold for stacked engine-dtype experts (verify)."""
+        assert self.shapes is not None
+        out = {}
+        for name, w in ((W13, w13), (W2, w2)):
+            out[name], out[f"{name}_scale"] = quantize_experts(self.config, w, self.shapes.widths(name))
+        return out
+
+    def _arrival_loader(self, layer: torch.nn.Module, name: str):
+        layer_ref = weakref.ref(layer)
+        config, widths, pending = self.config, self.shapes.widths(name), self.pending[name]
+
+        def rlsync_expert_arrival_loader(param: torch.Tensor, loaded_weight: torch.Tensor, weight_name: str,
+                                         shard_id: str, expert_id: int, return_success: bool = False) -> bool | None:
+            """One expert's gate (`w1`), up (`w3`) or down (`w2`) projection, quantized into its rows."""
+            owner = layer_ref()
+            quantize_expert_shard_into(config, param.data, getattr(owner, f"{name}_scale").data, widths, int(expert_id),
+                                       shard_id, loaded_weight, owner.orig_dtype, pending=pending)
+            return True if return_success else None
+
+        return rlsync_expert_arrival_loader
+
+    def get_fused_moe_quant_config(self, layer: torch.nn.Module):
+        return vq.FUSED_MOE_UNQUANTIZED_CONFIG  # activations stay in the engine dtype; the kernels hold the scales
+
+    def _linear(self, layer: torch.nn.Module, name: str):
+        kernel, (n, k), widths = self.kernels[name], self.shapes.shape(name), self.shapes.widths(name)
+        weight, scale = getattr(layer, name), getattr(layer, f"{name}_scale")
+
+        def run(expert: int, x: torch.Tensor) -> torch.Tensor:
+            qt = QuantizedTensor(data=weight[expert], scale=scale[expert], layout=self.layout, shape=(n, k),
+                                 shard_widths=widths)
+            return kernel.apply(kernel.prep_weights_for_execution(qt), x, None)
+
+        return run
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts: Any = None, shared_experts_input: torch.Tensor | None = None) -> torch.Tensor:
+        return experts_forward(x, topk_weights, topk_ids, self._linear(layer, W13), self._linear(layer, W2))
