@@ -75,15 +75,33 @@ def hf_logprobs(model, seqs=SEQS):
     return out
 
 
+def _fake_quantized(cfg, w, widths):
+    """`w` quantized by rlsync_fp8's reference (shards `widths`) and dequantized, in w's dtype."""
+    w16 = w.to(torch.bfloat16)
+    q, s = quantize_full(cfg, w16, widths)
+    full = ref.expand_scale(s, tuple(w16.shape), granularity=cfg.scheme, widths=widths, block=cfg.block)
+    return ref.dequantize(q, full).to(w.dtype)
+
+
 def dequantized_trainer(trainer, scheme):
-    """The fp32 trainer with every linear weight replaced by its reference FP8 dequantization."""
+    """The fp32 trainer with every weight rlsync_fp8 quantizes replaced by its reference FP8 dequantization.
+
+    Linear layers (`LINEARS`, shared experts included) one checkpoint tensor
+    at a time; transformers-5 fused experts (`experts.gate_up_proj` (E, 2I, H),
+    `experts.down_proj` (E, H, I)) one expert at a time, gate and up as the two
+    shards of that expert's fused weight, as the engine stores them. Router
+    gates stay as they are (the engine keeps them in bf16).
+    """
     cfg = Fp8Config(scheme=scheme)
     model = copy.deepcopy(trainer)
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.rpartition(".")[2] in LINEARS:
-                w = module.weight.to(torch.bfloat16)
-                q, s = quantize_full(cfg, w, [w.shape[0]])
-                full = ref.expand_scale(s, tuple(w.shape), granularity=scheme, block=cfg.block)
-                module.weight.copy_(ref.dequantize(q, full))
+                module.weight.copy_(_fake_quantized(cfg, module.weight, [module.weight.shape[0]]))
+            gate_up = module._parameters.get("gate_up_proj")
+            if gate_up is not None and gate_up.dim() == 3:
+                i = gate_up.shape[1] // 2
+                for e in range(gate_up.shape[0]):
+                    gate_up[e].copy_(_fake_quantized(cfg, gate_up[e], [i, i]))
+                    module.down_proj[e].copy_(_fake_quantized(cfg, module.down_proj[e], [module.down_proj.shape[1]]))
     return model
