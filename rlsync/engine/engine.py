@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from rlsync.adapters import vllm_engine, vllm_load
+from rlsync.adapters import vllm_engine, vllm_layers, vllm_load
 from rlsync.engine.checkpoint import checkpoint_shapes
 from rlsync.engine.config import EngineConfig
 from rlsync.engine.report import SyncReport
@@ -114,13 +114,21 @@ class VLLMEngine:
         self.packed = vllm_engine.packed_modules_mapping(self.model)
         self.checkpoint_shapes = checkpoint_shapes(cfg.model)
         self.backend: ReloadBackend = make_backend(cfg.reload_backend, self.model, vllm_engine.model_config(self.llm))
-        self._scales = {
-            name: module for name, module in self.model.named_modules()
-            if isinstance(module._parameters.get("weight_scale"), torch.Tensor)
-        }
-        """FP8 layers' scales, checked for finiteness after each sync (`_check_scales`)."""
-        self._scale_checked = {n for name in self._scales for n in weight_sources(name, self.packed)}
+        self._scales: dict[str, tuple[torch.nn.Module, str]] = {}
+        """FP8 layers' scales (linears' `weight_scale`, experts' `w13_weight_scale` / `w2_weight_scale`),
+        checked for finiteness after each sync (`_check_scales`)."""
+        self._scale_checked: set[str] = set()
         """Checkpoint names whose finiteness the FP8 scales prove (no separate pass over them)."""
+        for name, module in self.model.named_modules():
+            scales = {p: t for p, t in module._parameters.items() if p.endswith("weight_scale") and t is not None}
+            if not scales:
+                continue
+            self._scales.update({f"{name}.{p}": (module, p) for p in scales})
+            if vllm_layers.is_routed_experts(module):
+                experts = vllm_layers.expert_checkpoint_names(module)
+                self._scale_checked.update(n for p in scales for names in experts[p.removesuffix("_scale")] for n in names)
+            else:
+                self._scale_checked.update(weight_sources(name, self.packed))
         self._lock = threading.RLock()
         """Serializes sync / generate / score / sleep / wake_up: a caller waits for the one in flight."""
         self._kv_asleep = False
@@ -241,7 +249,7 @@ class VLLMEngine:
         quantizer's absolute max, hence its scale, non-finite (per tensor, channel or block alike)."""
         if not self.config.reject_nonfinite:
             return
-        bad = [name for name, module in self._scales.items() if not self._timed_finite(module.weight_scale)]
+        bad = [name for name, (module, p) in self._scales.items() if not self._timed_finite(getattr(module, p))]
         if bad:
             raise SyncError(f"non-finite values (NaN or Inf) arrived for {', '.join(bad[:3])}: their FP8 scales are not "
                             "finite (reject_nonfinite=True)")

@@ -22,7 +22,8 @@ import torch
 from rlsync.adapters import vllm_engine
 from rlsync.default_model import family_spec, tiny_model_path
 from rlsync.engine.verify import verify_groups
-from rlsync.errors import SyncError
+from rlsync.engine import EngineState
+from rlsync.errors import EngineNotReady, SyncError
 from rlsync.reload import make_backend
 from rlsync.source import ModuleSource
 from tests.integration.support import SEQS, dequantized_trainer, hf_logprobs, kernel_bits, make_engine, perturb
@@ -196,3 +197,21 @@ def test_verify_reads_packed_bf16_experts_exactly():
     finally:
         del engine
         gc.collect()
+
+
+def test_nan_in_one_expert_fails_closed_through_its_fp8_scale(qwen3_moe_fp8):
+    """A NaN in one expert's down projection makes that expert's scale non-finite: FAILED, no generation;
+    the next good sync recovers. The scale is the check (no separate pass over the expert tensors)."""
+    path, engine = qwen3_moe_fp8
+    trainer = _trainer(path)
+    with torch.no_grad():
+        trainer.model.layers[0].mlp.experts.down_proj[6, 3, 2] = float("nan")
+    with pytest.raises(SyncError, match=r"experts\.routed_experts\.w2_weight_scale.*FP8 scales are not finite"):
+        engine.sync(trainer, step=7)
+    assert engine.state is EngineState.FAILED
+    with pytest.raises(EngineNotReady):
+        engine.score(SEQS[:1])
+    with torch.no_grad():
+        trainer.model.layers[0].mlp.experts.down_proj[6, 3, 2] = 0.0
+    report = engine.sync(trainer, step=8, verify=True)
+    assert engine.state is EngineState.READY and report.num_verified == report.num_written
