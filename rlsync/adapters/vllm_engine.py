@@ -6,15 +6,23 @@ internal that moves between vLLM releases, so it lives here, guarded by
 `SUPPORTED_VLLM` (the one version check every `rlsync.adapters.vllm_*` module
 goes through). Public vLLM API (`vllm.LLM`, `SamplingParams`) is reached
 through here too, so no other rlsync package imports vLLM at all.
+
+Colocation also means vLLM must not change classes the trainer uses: a build
+keeps vLLM's Transformers modeling backend from patching transformers' model
+classes in place (`transformers_classes_untouched`; OLMo 2 and every other
+architecture vLLM runs through that backend).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
+from rlsync.errors import ConfigError
 
 SUPPORTED_VLLM = ("0.32",)
 """vLLM release lines whose internals this adapter was written against."""
@@ -46,9 +54,50 @@ def import_vllm():
 
 
 def build_llm(model_path: str, **llm_kwargs: Any):
-    """`vllm.LLM(model_path, **llm_kwargs)` in this process."""
+    """`vllm.LLM(model_path, **llm_kwargs)` in this process, leaving transformers' classes untouched
+    (`transformers_classes_untouched`), so a colocated trainer of the same architecture keeps working."""
     vllm = import_vllm()
-    return vllm.LLM(model_path, **llm_kwargs)
+    with transformers_classes_untouched():
+        return vllm.LLM(model_path, **llm_kwargs)
+
+
+@contextlib.contextmanager
+def transformers_classes_untouched() -> Iterator[None]:
+    """While vLLM builds a model, keep its Transformers modeling backend from patching transformers' classes.
+
+    Why: architectures vLLM does not implement natively (OLMo 2, GPT-NeoX, Starcoder 2, ...) run on its
+    Transformers backend, which marks the decoder class (e.g. transformers' `Olmo2Model`) for torch.compile by
+    patching that class in place, process-wide (`support_torch_compile`: a new base, `__init__` and
+    `__call__`). A colocated trainer uses the same class: one built after the engine fails in `__init__`
+    ("Current vLLM config is not set"), one built before fails in its forward (no `do_not_compile`).
+
+    Where vLLM will not compile the model (compilation mode NONE, as `enforce_eager=True` sets, or stock
+    torch.compile of the whole model, or a model the backend itself keeps uncompiled) the patch does nothing
+    but mark the instance "do not compile", and the instance then runs its plain forward; so the patch is
+    skipped and the instance runs that same forward. Where vLLM would compile the decoder, nothing clean
+    can keep the class shared, and the build is refused with `ConfigError` naming the way out.
+    """
+    from vllm.config import CompilationMode
+    from vllm.model_executor.models.transformers.base import Base
+
+    original = Base._decorate_cls_for_torch_compile
+
+    def decorate(self, cls, dynamic_arg_dims, enable_if, is_encoder):
+        mode = self.vllm_config.compilation_config.mode
+        if mode in (CompilationMode.NONE, CompilationMode.STOCK_TORCH_COMPILE) or not enable_if(self.vllm_config):
+            return
+        raise ConfigError(
+            f"engine: {cls.__module__}.{cls.__name__} runs on vLLM's Transformers modeling backend, whose "
+            f"torch.compile support (compilation mode {mode.name}) patches that transformers class in place for "
+            "the whole process, so a colocated trainer model of the same class could no longer be built or run. "
+            "Set engine.enforce_eager=True (the default): the class is then left untouched."
+        )
+
+    Base._decorate_cls_for_torch_compile = decorate
+    try:
+        yield
+    finally:
+        Base._decorate_cls_for_torch_compile = original
 
 
 def model_runner(llm):
