@@ -117,19 +117,21 @@ def decoder_class_state(model):
 
 @pytest.fixture
 def case(request):
-    """(family, config, trainer built before the engine, the engine); the engine is dropped when the test ends."""
+    """{"trainer": built before the engine, "engine": for the test's (family, config)}; the engine is dropped
+    when the test ends. pytest holds a fixture's value until its teardown is over, so the engine is taken out
+    of it here: otherwise it would be destroyed during the next engine's build, under that engine."""
     family, config = request.node.callspec.params["family"], request.node.callspec.params["config"]
     path = tiny_model_path(family_spec(family))
-    early = load_trainer(path)
-    eng = make_engine(path, max_model_len=MAX_MODEL_LEN, **CONFIGS[config])
-    yield family, config, early, eng
-    del eng
+    held = {"trainer": load_trainer(path)}
+    held["engine"] = make_engine(path, max_model_len=MAX_MODEL_LEN, **CONFIGS[config])
+    yield held
+    held.clear()
     gc.collect()
 
 
 @pytest.mark.parametrize("family, config", CASES)
 def test_two_syncs_verify_and_match_the_reference(family, config, case):
-    _, _, trainer, engine = case
+    trainer, engine = case["trainer"], case["engine"]
     scheme = CONFIGS[config].get("fp8_scheme")
     tol = BF16_LOGPROB_TOL if scheme is None else FP8_LOGPROB_TOL
     # Colocated: trainer models built before and after the engine both work and agree (OLMo 2, on vLLM's
