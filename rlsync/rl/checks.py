@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlsync.default_model import TinyModelSpec
 from rlsync.engine import EngineConfig
 from rlsync.errors import ConfigError
 from rlsync.rl.trainer_model import ModelConfig
@@ -34,9 +33,9 @@ _PROMPT_SPECIALS = 3  # the task's ":" separator plus BOS/EOS a tokenizer may ad
 
 def model_config(model: ModelConfig) -> dict[str, Any] | None:
     """The model's `config.json` as a dict; None if `model.path` does not exist yet."""
-    if model.path is None:
-        spec = TinyModelSpec()
-        return {**dataclasses.asdict(spec), "head_dim": spec.hidden_size // spec.num_attention_heads}
+    if model.path is None:  # the built-in model's shape, from its spec: nothing is built to validate a config
+        spec = model.builtin_spec()
+        return {**dataclasses.asdict(spec), "head_dim": spec.head_dim}
     path = Path(model.path) / "config.json"
     if not path.is_file():
         return None
@@ -66,4 +65,4 @@ def check_run(model: ModelConfig, engine: EngineConfig, *, prompt_length: int, m
     positions = config.get("max_position_embeddings")
     if positions and engine.max_model_len is not None and engine.max_model_len > positions:
         raise ConfigError(f"engine.max_model_len: {engine.max_model_len} exceeds the model's max_position_embeddings "
-                          f"({positions}, {model.path or 'built-in tiny model'})")
+                          f"({positions}, {model.path or f'built-in tiny {model.builtin} model'})")

@@ -6,7 +6,8 @@ written first, so a run directory alone says how it was produced.
 
 Resume: `RunDir(..., resume=True)` reopens an existing directory, refuses a
 config that differs from the saved one in anything but the keys in
-`RESUMABLE_CHANGES` (a resumed run must be the same experiment), and
+`RESUMABLE_CHANGES` (a resumed run must be the same experiment; a key added
+to rlsync after the run started counts as unchanged at its default), and
 `truncate_after(step)` drops metric lines past the checkpoint being resumed,
 since those steps are about to be recomputed. A fresh start in a directory that
 holds checkpoints is refused unless `run.overwrite` is set, so forgetting
@@ -125,7 +126,8 @@ class RunDir:
         config_path = self.path / "config.yaml"
         resolved_dict = to_dict(resolved)
         if resume and config_path.exists():
-            _check_same_experiment(read_yaml(config_path) or {}, resolved_dict, config_path)
+            defaults = to_dict(type(resolved)()) if dataclasses.is_dataclass(resolved) else None
+            _check_same_experiment(read_yaml(config_path) or {}, resolved_dict, config_path, defaults)
         elif not resume and self.metrics_path.exists():
             self.metrics_path.unlink()
         with config_path.open("w") as f:
@@ -223,9 +225,16 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _check_same_experiment(saved: dict, resolved: dict, config_path: Path) -> None:
-    saved_flat, new_flat = _flatten(saved), _flatten(resolved)
-    changed = sorted(k for k in saved_flat.keys() | new_flat.keys() if saved_flat.get(k) != new_flat.get(k))
+def _check_same_experiment(saved: dict, resolved: dict, config_path: Path, defaults: dict | None = None) -> None:
+    """Refuse a resume whose config differs from the saved one outside `RESUMABLE_CHANGES`.
+
+    A key the saved config lacks (added to rlsync after that run started, e.g.
+    `model.builtin`) counts as unchanged while the new config holds its default
+    (`defaults`, the recipe config's defaults), which is what the old run ran with.
+    """
+    saved_flat, new_flat, default_flat = _flatten(saved), _flatten(resolved), _flatten(defaults or {})
+    changed = sorted(k for k in saved_flat.keys() | new_flat.keys() if saved_flat.get(k) != new_flat.get(k)
+                     and not (k not in saved_flat and k in default_flat and new_flat.get(k) == default_flat[k]))
     blocking = [k for k in changed
                 if not any(k == r or (r.startswith(".") and k.endswith(r)) for r in RESUMABLE_CHANGES)]
     if blocking:

@@ -1,4 +1,9 @@
-"""The trainer's copy of the policy: a Hugging Face causal LM from a local path."""
+"""The trainer's copy of the policy: a Hugging Face causal LM from a local path or a built-in tiny model.
+
+`model.path: null` means a built-in tiny checkpoint that `rlsync.default_model`
+builds locally (no download): the family `model.builtin` names (`qwen2` by
+default, `qwen3_moe` for a tiny MoE, any of `FAMILIES`).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ from typing import Literal
 
 import torch
 
-from rlsync.default_model import tiny_model_path
+from rlsync.default_model import FAMILIES, TinyModelSpec, family_spec, tiny_model_path
 from rlsync.errors import ConfigError
+
+DEFAULT_BUILTIN = "qwen2"
+"""`model.builtin` when a config leaves it out: the tiny Qwen2 every recipe started with."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -20,7 +28,10 @@ class ModelConfig:
     """The policy checkpoint the trainer and the engine both start from."""
 
     path: str | None = None
-    """Local Hugging Face checkpoint directory; null = the built-in tiny Qwen2 (built locally)."""
+    """Local Hugging Face checkpoint directory; null = the built-in tiny model of family `builtin` (built locally)."""
+    builtin: str = DEFAULT_BUILTIN
+    """Family of the built-in tiny model used when `path` is null, one of `rlsync.default_model.FAMILIES` (qwen2,
+    qwen3_moe, mixtral, ...); a family other than qwen2 together with a `path` is an error (set one or the other)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Trainer parameter dtype (the engine runs bf16 / FP8 regardless)."""
     device: str = "auto"
@@ -35,6 +46,17 @@ class ModelConfig:
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
                                                               and self.device[5:].isdigit()):
             raise ConfigError(f"model.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.builtin not in FAMILIES:
+            raise ConfigError(f"model.builtin: {self.builtin!r} is not a built-in model family; one of "
+                              f"{', '.join(FAMILIES)}")
+        if self.path is not None and self.builtin != DEFAULT_BUILTIN:
+            raise ConfigError(f"model.builtin: {self.builtin!r} names a built-in model, but model.path is set "
+                              f"({self.path}); keep one: model.path=null for the built-in model, or drop "
+                              f"model.builtin to train the checkpoint at model.path")
+
+    def builtin_spec(self) -> TinyModelSpec:
+        """The spec of the built-in tiny model (`builtin`'s family; meaningful when `path` is null)."""
+        return family_spec(self.builtin)
 
 
 def trainer_device(config: ModelConfig) -> torch.device:
@@ -64,8 +86,9 @@ def require_model_path(config: ModelConfig) -> None:
 
 
 def resolve_model_path(config: ModelConfig) -> str:
+    """`model.path`, or the built-in tiny model's directory (built on first use) when it is null."""
     if config.path is None:
-        return str(tiny_model_path())
+        return str(tiny_model_path(config.builtin_spec()))
     return config.path
 
 

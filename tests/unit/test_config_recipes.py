@@ -8,7 +8,9 @@ import pytest
 
 from rlsync.cli import load_recipe_config, main
 from rlsync.config.allowlist import resolve_allowed
+from rlsync.default_model import FAMILIES, family_spec, tiny_model_path
 from rlsync.errors import ConfigError
+from rlsync.rl.trainer_model import ModelConfig, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_CONFIGS = sorted(ROOT.glob("configs/*/gpu_*.yaml"))
@@ -66,6 +68,12 @@ BAD = [
     ("grpo", "engine: {max_model_len: 16}\n", [], "engine.max_model_len: 16 cannot hold"),
     ("grpo", "engine: {max_model_len: 4096}\n", [], "engine.max_model_len: 4096 exceeds the model's max_position_embeddings (512"),
     ("grpo", "engine: {llm_kwargs: {seed: 3}}\n", [], "engine.llm_kwargs.seed: set engine.seed instead"),
+    ("grpo", "model: {builtin: qwen4_moe}\n", [],
+     f"model.builtin: 'qwen4_moe' is not a built-in model family; one of {', '.join(FAMILIES)}"),
+    ("grpo", "model: {path: /models/x, builtin: qwen3_moe}\n", [],
+     "model.builtin: 'qwen3_moe' names a built-in model, but model.path is set (/models/x)"),
+    ("grpo", "model: {builtin: mixtral}\nengine: {max_model_len: 4096}\n", [],
+     "engine.max_model_len: 4096 exceeds the model's max_position_embeddings (512, built-in tiny mixtral model)"),
     # nothing in a config may make vLLM import or run code (issue 12, item 10)
     ("grpo", "engine: {llm_kwargs: {trust_remote_code: true}}\n", [], "engine.llm_kwargs.trust_remote_code: refused here; it is an explicit option (model.trust_remote_code"),
     ("grpo", "engine: {trust_remote_code: true}\n", [], "engine.trust_remote_code: set model.trust_remote_code instead"),
@@ -140,3 +148,41 @@ def test_optimizer_kwargs_reach_the_optimizer(tmp_path):
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.ppo.optimizer, lr=cfg.ppo.lr,
                           weight_decay=cfg.ppo.weight_decay, kwargs=cfg.ppo.optimizer_kwargs, section="ppo")
     assert type(opt) is torch.optim.Adam and opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["lr"] == cfg.ppo.lr
+
+
+def test_model_builtin_picks_the_built_in_family():
+    """`model.builtin` chooses the tiny model built when `model.path` is null; qwen2 (the default) is the tiny
+    model every recipe used before the key existed, and the MoE configs pick Qwen3-MoE."""
+    assert resolve_model_path(ModelConfig()) == str(tiny_model_path())
+    for name in ("grpo/tiny_cpu_moe_fp8.yaml", "grpo/tiny_cpu_moe_fsdp2.yaml"):
+        _, cfg = load_recipe_config(ROOT / "configs" / name)
+        assert cfg.model.path is None and cfg.model.builtin == "qwen3_moe"
+        assert cfg.engine.quantization == "rlsync_fp8"
+    assert cfg.trainer.backend == "fsdp2"
+    assert resolve_model_path(cfg.model) == str(tiny_model_path(family_spec("qwen3_moe")))
+    _, cfg = load_recipe_config(ROOT / "configs/grpo/tiny_cpu_moe_fp8.yaml", ["model.builtin=mixtral"])
+    assert resolve_model_path(cfg.model) == str(tiny_model_path(family_spec("mixtral")))
+    # a path with the default family is the usual case: no error
+    _, cfg = load_recipe_config(ROOT / "configs/grpo/tiny_cpu_fp8.yaml", ["model.path=/models/x"])
+    assert cfg.model.builtin == "qwen2"
+
+
+def test_a_run_saved_before_model_builtin_existed_resumes(tmp_path):
+    """A run directory whose config.yaml has no model.builtin (written before the key existed) resumes with the
+    default family, which is what it ran; another family is a different experiment and is refused."""
+    import yaml
+
+    from rlsync.rl.run import RunDir
+
+    _, cfg = load_recipe_config(ROOT / "configs/grpo/tiny_cpu_fp8.yaml", [f"run.output_dir={tmp_path}"])
+    RunDir(cfg.run, cfg).close()
+    saved = tmp_path / cfg.run.name / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["model"]["builtin"]
+    saved.write_text(yaml.safe_dump(old, sort_keys=False))
+    RunDir(cfg.run, cfg, resume=True).close()
+    saved.write_text(yaml.safe_dump(old, sort_keys=False))
+    _, moe = load_recipe_config(ROOT / "configs/grpo/tiny_cpu_fp8.yaml",
+                                [f"run.output_dir={tmp_path}", "model.builtin=qwen3_moe"])
+    with pytest.raises(ConfigError, match=r"model\.builtin: None -> 'qwen3_moe'"):
+        RunDir(moe.run, moe, resume=True)
