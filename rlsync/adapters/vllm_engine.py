@@ -57,8 +57,34 @@ def build_llm(model_path: str, **llm_kwargs: Any):
     """`vllm.LLM(model_path, **llm_kwargs)` in this process, leaving transformers' classes untouched
     (`transformers_classes_untouched`), so a colocated trainer of the same architecture keeps working."""
     vllm = import_vllm()
+    _expert_group_for_a_later_engine()
     with transformers_classes_untouched():
         return vllm.LLM(model_path, **llm_kwargs)
+
+
+def _expert_group_for_a_later_engine() -> None:
+    """Give vLLM's process-global parallel state the expert-parallel group an MoE engine needs.
+
+    Why: vLLM sets up its parallel groups once per process, when the first engine
+    is built, and creates the expert-parallel (EP) group only if that model is
+    MoE. An MoE engine built while an earlier dense engine's groups are still up
+    (that engine alive, or not yet collected) then fails deep in the model's
+    constructor ("expert parallel group is not initialized"). With no data,
+    pipeline or context parallelism, vLLM's EP groups are exactly its tensor
+    parallel groups, so that is what is created here (collectively, like vLLM:
+    every rank builds its engine). Other layouts are left to vLLM.
+    """
+    import torch.distributed as dist
+    from vllm.distributed import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps._EP is not None:
+        return
+    if any(group.world_size != 1 for group in (ps.get_dp_group(), ps.get_pp_group(), ps.get_pcp_group())):
+        return
+    world = ps.get_world_group()
+    size, num_ranks = ps.get_tp_group().world_size, world.world_size
+    groups = [list(range(start, start + size)) for start in range(0, num_ranks, size)]
+    ps._EP = ps.init_model_parallel_group(groups, world.local_rank, dist.get_backend(world.device_group), group_name="ep")
 
 
 @contextlib.contextmanager

@@ -298,6 +298,16 @@ class ArrivalLayer:
 
     The plugin's loaders write; this only counts shard elements against the
     capture's load-format numel; the layer is complete when they match.
+
+    While the layer waits for shards, each kernel parameter whose dtype differs
+    from its load format (an e4m3 `weight` that receives bf16 shards) is shown
+    to vLLM's `load_weights` as a meta-device stand-in with the load format's
+    shape and dtype (no storage). vLLM's loaders see the parameter the checkpoint
+    tensor is for, so they do not log "Attempted to load weight ... with dtype
+    torch.bfloat16 into parameter with dtype torch.float8_e4m3fn" for every
+    correct FP8 shard; the stand-in's loader hands the real kernel tensor to
+    the plugin's loader. The kernel parameters are back on the layer once it is
+    complete, and on abort.
     """
 
     def __init__(self, name: str, layer: nn.Module, spec: LayerCapture, patches: LoaderPatches) -> None:
@@ -306,15 +316,26 @@ class ArrivalLayer:
         self.count = 0
         self.shards: set[tuple] = set()
         self.done = False
+        self.kernel_params: dict[str, torch.Tensor] = {}
+        """Kernel parameters replaced by load-format stand-ins until the layer is complete."""
 
     def swap_out(self) -> None:
-        """Nothing leaves the layer; its kernel tensors' loaders are wrapped to count."""
+        """Kernel tensors stay; their loaders are wrapped to count, behind load-format stand-ins where dtypes differ."""
         for pname, tensor in layer_tensors(self.layer)[0].items():
-            self.patches.set(tensor, self._make_loader(pname, _loader_of(tensor, self.layer)))
+            loader = self._make_loader(pname, tensor, _loader_of(tensor, self.layer))
+            load = self.spec.params.get(pname)
+            if load is None or load.dtype == tensor.dtype or not isinstance(tensor, nn.Parameter):
+                self.patches.set(tensor, loader)
+                continue
+            stand_in = nn.Parameter(torch.empty(load.shape, dtype=load.dtype, device="meta"), requires_grad=False)
+            stand_in.weight_loader = loader
+            self.kernel_params[pname] = tensor
+            self.layer._parameters[pname] = stand_in
 
-    def _make_loader(self, pname: str, original: Callable) -> Callable:
+    def _make_loader(self, pname: str, kernel: torch.Tensor, original: Callable) -> Callable:
         def rlsync_arrival_loader(*args: Any, **kwargs: Any) -> Any:
             bound = _bind(original, args, kwargs)
+            bound.arguments["param"] = kernel  # the plugin writes the kernel tensor, whatever vLLM was shown
             key = (pname, _shard_key(bound))
             numel = bound.arguments["loaded_weight"].numel()
             if self.done or key in self.shards or self.count + numel > self.total:
@@ -330,9 +351,16 @@ class ArrivalLayer:
 
     def finish(self) -> None:
         self.done = True
+        self._put_back()
+
+    def _put_back(self) -> None:
+        for pname, tensor in self.kernel_params.items():
+            self.layer._parameters[pname] = tensor
+        self.kernel_params.clear()
 
     def missing(self) -> list[str]:
         return [] if self.done else [f"{self.name}: {self.count}/{self.total} elements arrived"]
 
     def restore(self) -> None:
-        """Kernel tensors never left; contents after an abort are undefined."""
+        """Kernel tensors back on the layer; contents after an abort are undefined."""
+        self._put_back()

@@ -215,3 +215,19 @@ def test_nan_in_one_expert_fails_closed_through_its_fp8_scale(qwen3_moe_fp8):
         trainer.model.layers[0].mlp.experts.down_proj[6, 3, 2] = 0.0
     report = engine.sync(trainer, step=8, verify=True)
     assert engine.state is EngineState.READY and report.num_verified == report.num_written
+
+
+def test_an_moe_engine_builds_next_to_a_live_dense_engine(tiny_path):
+    """vLLM sets its parallel groups up with the first engine, and an expert-parallel group only for MoE; an MoE
+    engine built while a dense engine is alive failed in its constructor until rlsync adds the EP group."""
+    dense = make_engine(tiny_path, max_model_len=128)
+    moe = _engine(tiny_model_path(family_spec("mixtral")), "tensor")
+    try:
+        trainer = _trainer(tiny_model_path(family_spec("mixtral")))
+        perturb(trainer, seed=9)
+        report = moe.sync(trainer, step=1, verify=True)
+        assert report.verified and report.num_verified == report.num_written
+        assert dense.score(SEQS[:1])[0].isfinite().all()
+    finally:
+        del dense, moe
+        gc.collect()
