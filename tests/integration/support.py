@@ -4,7 +4,9 @@ Plain functions, classes and constants that test modules import; fixtures stay i
 modules and tests/conftest.py, where pytest finds them.
 """
 
+import contextlib
 import copy
+import logging
 import random
 
 import torch
@@ -105,3 +107,23 @@ def dequantized_trainer(trainer, scheme):
                     gate_up[e].copy_(_fake_quantized(cfg, gate_up[e], [i, i]))
                     module.down_proj[e].copy_(_fake_quantized(cfg, module.down_proj[e], [module.down_proj.shape[1]]))
     return model
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def vllm_warnings():
+    """Every WARNING (and above) vLLM logs while open, as `logging.LogRecord`s (vLLM's own handlers keep theirs)."""
+    handler, logger = _Records(), logging.getLogger("vllm")
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
