@@ -144,6 +144,60 @@ def lora_bound(trainer_named: dict[str, torch.Size], expected: dict[str, torch.T
     return max(sizes[k] + extra.get(k, 0) for k in sizes)
 
 
+def ds_config(stage: int) -> dict:
+    """A DeepSpeed config for one micro-batch of 2 sequences per rank at ZeRO `stage` (a plain torch optimizer)."""
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def zero_full_state(engine) -> dict:
+    """The unsharded model's state dict on every rank (ZeRO-3: DeepSpeed's consolidated one, built on rank 0)."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # rank 0 only
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def zero_local(p: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's own storage of `p` (ZeRO-3: its partition)."""
+    return (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach()
+
+
+def checkpoint_of(full_state: dict[str, torch.Tensor], template: torch.nn.Module, path: str) -> dict:
+    """What `save_pretrained` writes for the unsharded model holding `full_state` (its in-memory layout), read
+    back from the safetensors file: the checkpoint format a source must yield (MoE experts one tensor each).
+
+    Collective: transformers writes on rank 0 only, so every rank calls this and reads rank 0's file.
+    """
+    from safetensors.torch import load_file
+
+    model = copy.deepcopy(template)  # from_pretrained's weight conversions come along: save_pretrained reverses them
+    missing, unexpected = model.load_state_dict(full_state, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    assert not unexpected and set(missing) <= tied, (missing, unexpected)
+    model.save_pretrained(path)
+    dist.barrier()
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def moe_copy_bytes(model: torch.nn.Module) -> dict:
+    """Bytes per layer group that a source's checkpoint conversion copies: transformers splits each fused
+    `experts.gate_up_proj` into per-expert gate / up tensors with a copy (`down_proj` splits into views)."""
+    sizes: dict = {}
+    for name, p in model.named_parameters():
+        if name.endswith("experts.gate_up_proj"):
+            key = group_key(name)
+            sizes[key] = sizes.get(key, 0) + p.nbytes
+    assert sizes, f"{type(model).__name__} has no fused experts"
+    return sizes
+
+
 def write_result(results: list[dict]) -> None:
     out = os.environ.get("RLSYNC_TEST_OUT")
     if out:

@@ -1,10 +1,12 @@
 """Every trainer backend in 2 real processes (gloo): exact weights, bounded gathers, lockstep failure, FP8 e2e.
 
-Four launches keep this CI-sized on 2 cores: one torchrun for DDP / Accelerate
+Six launches keep this CI-sized on 2 cores: one torchrun for DDP / Accelerate
 / FSDP1 / FSDP2 (+ byte budget, + drain, + LoRA), one deepspeed for ZeRO-2 /
-ZeRO-3 (+ budget, + LoRA), two plain processes for the failing-rank case, and
-one torchrun with a vLLM FP8 engine per rank. The worker scripts assert;
-these tests check they exited 0 and read the figures they wrote.
+ZeRO-3 (+ budget, + LoRA), one of each for MoE models (Qwen3-MoE and Mixtral,
+experts fused in memory: every backend yields what `save_pretrained` writes),
+two plain processes for the failing-rank case, and one torchrun with a vLLM
+FP8 engine per rank. The worker scripts assert; these tests check they exited
+0 and read the figures they wrote.
 """
 
 import time
@@ -24,6 +26,13 @@ def paths():
         str(tiny_model_path(TinyModelSpec(num_hidden_layers=4))),
         str(tiny_model_path(TinyModelSpec(num_hidden_layers=4, tie_word_embeddings=False))),
     )
+
+
+@pytest.fixture(scope="module")
+def moe_paths():
+    from rlsync.default_model import family_spec, tiny_model_path
+
+    return [str(tiny_model_path(family_spec("qwen3_moe"))), str(tiny_model_path(family_spec("mixtral")))]
 
 
 def by_label(rank_results):
@@ -50,6 +59,37 @@ def test_deepspeed_backends_match_unsharded_model(paths, tmp_path):
         assert res["zero3"]["peak"] == res["zero3"]["deepspeed_observed_peak"] == res["zero3"]["bound"]
         assert res["zero3-budget"]["deepspeed_observed_peak"] <= 600_000
         assert res["zero3-lora"]["peak"] < res["zero3-lora"]["model_bytes"]
+
+
+def check_moe(rank_results, backends):
+    # the workers assert names, shapes, dtypes and bits against save_pretrained's file, one decoder layer per
+    # group, and peak == the largest layer group (gathered backends) + the gate_up split copy; read the figures
+    res = by_label(rank_results)
+    assert set(res) == {f"{family}-{b}" for family in ("qwen3_moe", "mixtral") for b in backends}
+    for r in res.values():
+        assert r["groups"] == 4  # embeddings, 2 decoder layers (attention, router, 8 experts), norm + head
+        assert r["peak"] == r["bound"] < r["model_bytes"]
+    return res
+
+
+def test_torch_backends_yield_moe_checkpoint_format(moe_paths, tmp_path):
+    ranks = launch.torchrun("worker_moe_torch.py", moe_paths, tmp_path, timeout_s=300)
+    for rank in ranks:
+        res = check_moe(rank, ("ddp", "fsdp1", "fsdp2"))
+        for family in ("qwen3_moe", "mixtral"):
+            # DDP gathers nothing (only the split copy); FSDP1 (summon per layer unit) and FSDP2 (full_tensor per
+            # parameter) hold the same one layer at their peak
+            assert res[f"{family}-ddp"]["peak"] < res[f"{family}-fsdp1"]["peak"] == res[f"{family}-fsdp2"]["peak"]
+
+
+def test_deepspeed_backends_yield_moe_checkpoint_format(moe_paths, tmp_path):
+    ranks = launch.deepspeed("worker_moe_deepspeed.py", moe_paths, tmp_path, timeout_s=420)
+    for rank in ranks:
+        res = check_moe(rank, ("zero2", "zero3"))
+        for family in ("qwen3_moe", "mixtral"):
+            zero3 = res[f"{family}-zero3"]
+            assert zero3["deepspeed_observed_peak"] < zero3["peak"]  # the split copy is rlsync's, not DeepSpeed's
+            assert res[f"{family}-zero2"]["peak"] < zero3["peak"]
 
 
 def test_a_rank_failing_inside_the_gather_fails_the_other_with_a_clear_error(paths, tmp_path):

@@ -21,33 +21,11 @@ import torch.distributed as dist  # noqa: E402
 
 from rlsync.source import ModuleSource, Zero3Source, source_for  # noqa: E402
 from tests.distributed.common import (  # noqa: E402
-    check_source, group_bytes, load_model, lora_bound, main_guard, reference_params, train_step, write_result,
+    check_source, ds_config, group_bytes, load_model, lora_bound, main_guard, reference_params, train_step,
+    write_result, zero_full_state, zero_local,
 )
 
 BUDGET = 600_000
-
-
-def ds_config(stage: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage},
-        "zero_allow_untested_optimizer": True,
-    }
-
-
-def full_state(engine) -> dict:
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # rank 0 only
-        box = [state]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-
-
-def local(p: torch.nn.Parameter) -> torch.Tensor:
-    """This rank's own storage of `p` (ZeRO-3: its partition)."""
-    return (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach()
 
 
 def run_case(name, path, stage, *, lora=False, source_kwargs=None, expect_type=None):
@@ -62,7 +40,7 @@ def run_case(name, path, stage, *, lora=False, source_kwargs=None, expect_type=N
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage))
     loss = train_step(None, None, seed=1, deepspeed_engine=engine)
-    expected = reference_params(full_state(engine), template, lora=lora)
+    expected = reference_params(zero_full_state(engine), template, lora=lora)
     source = source_for(engine, **(source_kwargs or {}))
     if expect_type is not None:
         assert type(source) is expect_type, f"{name}: source_for gave {type(source).__name__}"
@@ -70,12 +48,12 @@ def run_case(name, path, stage, *, lora=False, source_kwargs=None, expect_type=N
         bound = lora_bound({n: p.shape for n, p in template.named_parameters()}, expected)
     else:
         bound = max(group_bytes(expected).values())
-    before = [local(p).clone() for p in engine.module.parameters()]
+    before = [zero_local(p).clone() for p in engine.module.parameters()]
     # ZeRO-3 leaves some parameters gathered after a forward (persistence threshold, prefetch)
     available_before = {n for n, p in engine.module.named_parameters() if p.numel() != 0}
     budget = (source_kwargs or {}).get("bucket_bytes")
     result = check_source(name, source, expected, initial, bound=bound, budget=budget)
-    after = [local(p) for p in engine.module.parameters()]
+    after = [zero_local(p) for p in engine.module.parameters()]
     changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if not torch.equal(a, b)]
     assert not changed, f"{name}: trainer weights changed: {[(before[i].shape, after[i].shape) for i in changed[:3]]}"
     if stage == 3:
