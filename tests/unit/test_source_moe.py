@@ -244,16 +244,16 @@ def test_fsdp2_source_converts_after_the_gather(tmp_path):
     assert [(m.name, m.shape) for m in metadata] == [(n, tuple(t.shape)) for n, t in tensors.items()]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 needs an accelerator")
 def test_fsdp1_source_converts_inside_the_summon(tmp_path):
+    """One rank means NO_SHARD; tests/distributed covers FULL_SHARD over 2 ranks (gloo, CPU)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     model = _build("qwen3_moe")
     checkpoint = _checkpoint(model, tmp_path)
     layer_class = type(model.model.layers[0])
-    with _single_rank_group(tmp_path, backend="nccl"):
-        wrapped = FSDP(model.cuda(), auto_wrap_policy=ModuleWrapPolicy({layer_class}), device_id=0)
+    with _single_rank_group(tmp_path):
+        wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({layer_class}), device_id=torch.device("cpu"))
         source = FSDP1Source(wrapped)
         tensors, keys = _collect(source)
         metadata = source.metadata()
