@@ -158,18 +158,6 @@ def test_grpo_moe_fsdp2_under_torchrun_learns_one_layer_at_a_time(moe_fsdp2_run)
         assert r["sync/verified_tensors"] == r["sync/written_tensors"] == 29, r
 
 
-def test_moe_fsdp2_checkpoint_and_resume_reproduce_the_uninterrupted_run(moe_fsdp2_run, tmp_path):
-    # 4 steps with a checkpoint at the end (fused 3-D expert DTensors through torch.distributed.checkpoint's full
-    # state dict), then resume=true to step 8: every metric of every step equals the uninterrupted run's
-    run_recipe("torchrun", MOE_FSDP2, ["grpo.steps=4", "run.checkpoint_every=4"], tmp_path, timeout_s=300)
-    log, _ = run_recipe("torchrun", MOE_FSDP2, ["grpo.steps=8", "run.checkpoint_every=4", "resume=true"], tmp_path,
-                        timeout_s=300)
-    resumed = check_run(log, tmp_path, 8)
-    for want, got in zip(moe_fsdp2_run[0], resumed, strict=True):
-        for key in ("loss", "grad_norm", "reward", "logprob_mismatch", "clip_fraction"):
-            assert got[key] == want[key], (want["step"], key, got[key], want[key])
-
-
 def test_ppo_ddp_under_torchrun(tmp_path):
     log, wall = run_recipe("torchrun", "configs/ppo/tiny_cpu_fp8.yaml",
                            ["trainer.backend=ddp", "ppo.steps=2", "ppo.prompts_per_step=4"], tmp_path, timeout_s=300)
