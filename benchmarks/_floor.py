@@ -13,7 +13,9 @@ Limitations:
    many and strided, so no sync reaches 1.0x.
 2. "Quantized" means the checkpoint's linear projection weights (`*_proj.weight`),
    which is what vLLM's online FP8 and rlsync's plugin quantize in the
-   Qwen2/Llama-shaped models benchmarked here.
+   Qwen2/Llama-shaped models benchmarked here; in the Qwen3-MoE models that
+   includes every expert's gate / up / down projection, not the router gate
+   (`mlp.gate.weight`), which stays in the engine dtype.
 3. A tiny model fits in cache, so its floor is a cache bandwidth figure.
 """
 

@@ -6,7 +6,10 @@ memory an earlier method freed but the allocator kept.
 
 The methods, all fed the same bf16 trainer tensors (a Hugging Face model
 loaded from the checkpoint, every tensor cloned into anonymous memory and
-perturbed so each sync writes new values):
+perturbed so each sync writes new values). Methods that take a list of
+tensors get the checkpoint's names and layout: where transformers keeps
+another layout in memory (MoE experts fused into 3-D tensors), rlsync's
+source converts them back once, before any timed sync:
 - `rlsync`: `VLLMEngine.sync` with rlsync's reload backend;
 - `rlsync-vllm`: `VLLMEngine.sync` with vLLM's layerwise reload as backend;
 - `trl`: trl 1.16's colocated sync, mirrored exactly: one
@@ -27,7 +30,9 @@ perturbed so each sync writes new values):
 Memory: before each sync the process's peak RSS (`VmHWM`) is reset to the
 current RSS by writing `5` to `/proc/self/clear_refs`; after it, `VmHWM - VmRSS
 before` is that sync's peak extra memory. Anonymous and file-backed pages both
-count (a rebuild maps the checkpoint it reads).
+count (a rebuild maps the checkpoint it reads). Each sync's process CPU time
+(all threads, `time.process_time`) is recorded beside its wall time: on a
+shared machine it moves less with other people's load.
 
 Limitations:
 1. The trainer tensors are bf16 for every method, so all move the same bytes;
@@ -74,15 +79,17 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def measured(fn: Callable[[], Any]) -> tuple[float, int, Any]:
-    """(seconds, peak extra RSS bytes, result) of one call."""
+def measured(fn: Callable[[], Any]) -> tuple[float, float, int, Any]:
+    """(wall seconds, process CPU seconds, peak extra RSS bytes, result) of one call."""
     gc.collect()
     reset_peak_rss()
     rss_before = _status_kib("VmRSS")
+    cpu_start = time.process_time()
     start = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - start
-    return seconds, (_status_kib("VmHWM") - rss_before) * 1024, result
+    cpu_seconds = time.process_time() - cpu_start
+    return seconds, cpu_seconds, (_status_kib("VmHWM") - rss_before) * 1024, result
 
 
 # ------------------------------------------------------------------ setup
@@ -111,9 +118,27 @@ def trainer_model(model_path: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) in the trainer's order; tied parameters once (as trl and vLLM expect)."""
-    return [(name, p.data) for name, p in model.named_parameters()]
+def named_weights(model: torch.nn.Module, model_path: str) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) in the trainer's order; tied parameters once (as trl and vLLM expect).
+
+    Where the trainer's names are not the checkpoint's (transformers 5 fuses MoE experts in memory),
+    the tensors come from rlsync's source, which converts back to checkpoint names and layout."""
+    weights = [(name, p.data) for name, p in model.named_parameters()]
+    if {name for name, _ in weights} <= checkpoint_names(model_path):
+        return weights
+    from rlsync.source import ModuleSource
+
+    return [item for group in ModuleSource(model, dtype=torch.bfloat16).groups() for item in group]
+
+
+def checkpoint_names(model_path: str) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for file in Path(model_path).glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    return names
 
 
 def build_engine(model_path: str, quant: str, backend: str):
@@ -133,7 +158,7 @@ class Bench:
         self.backend = "rlsync" if method == "rlsync" else "vllm"
         self.engine = build_engine(model_path, quant, self.backend)
         self.trainer = trainer_model(model_path)
-        self.weights = named_weights(self.trainer)
+        self.weights = named_weights(self.trainer, model_path)
         self.num_bytes = sum(t.nbytes for _, t in self.weights)
         self.step = 0
         self.rebuild_dir: Path | None = None
@@ -147,7 +172,7 @@ class Bench:
     def _rlsync(self) -> dict[str, Any]:
         report = self.engine.sync(self.trainer, self.step)
         self.peak_live_bytes = max(self.peak_live_bytes or 0, report.peak_load_bytes or 0)
-        return {"check_s": report.nonfinite_check_seconds}
+        return {"check_s": report.nonfinite_check_seconds, "num_tensors": report.num_tensors}
 
     _rlsync_vllm = _rlsync
 
@@ -257,13 +282,14 @@ def run_child(model_path: str, quant: str, method: str, repeats: int, verify: bo
     record: dict[str, Any] = {"model": model_path, "quant": quant, "method": method, "repeats": repeats}
     start = time.perf_counter()
     bench = Bench(model_path, quant, method)
-    record.update(build_s=time.perf_counter() - start, num_bytes=bench.num_bytes,
+    record.update(build_s=time.perf_counter() - start, num_bytes=bench.num_bytes, num_tensors=len(bench.weights),
                   torch_threads=torch.get_num_threads())
-    times, peaks, extras = [], [], []
+    times, cpu_times, peaks, extras = [], [], [], []
     try:
         for _ in range(repeats + 1):
-            seconds, peak, extra = measured(bench.sync)
+            seconds, cpu_seconds, peak, extra = measured(bench.sync)
             times.append(seconds)
+            cpu_times.append(cpu_seconds)
             peaks.append(peak)
             extras.append(extra)
     except Exception as exc:  # a method failing is a result: the table shows it
@@ -271,7 +297,10 @@ def run_child(model_path: str, quant: str, method: str, repeats: int, verify: bo
         bench.close()
         return record
     record.update(status="ok", first_s=times[0], times_s=times[1:], median_s=statistics.median(times[1:]),
-                  peak_rss_bytes=max(peaks), peak_rss_first_bytes=peaks[0])
+                  cpu_times_s=cpu_times[1:], cpu_median_s=statistics.median(cpu_times[1:]),
+                  peak_rss_bytes=max(peaks), peak_rss_first_bytes=peaks[0], peak_rss_timed_bytes=max(peaks[1:]))
+    if "num_tensors" in extras[-1]:  # what the sync itself received (rlsync's report)
+        record["num_tensors"] = extras[-1]["num_tensors"]
     if method == "rebuild":
         record["save_s_median"] = statistics.median(e["save_s"] for e in extras[1:])
     if "check_s" in extras[-1]:  # the share of rlsync's sync spent on the always-on NaN / Inf check

