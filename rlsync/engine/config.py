@@ -73,6 +73,10 @@ class EngineConfig:
     """With `quantization: rlsync_fp8`: FP8 scale granularity (null = channel)."""
     fp8_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     """With `quantization: rlsync_fp8`: other plugin keys, e.g. `block: [128, 128]`, `kernel: emulated`."""
+    sync_plan: bool = True
+    """rlsync backend: record where each checkpoint tensor lands on the first sync and replay that on later syncs
+    (`rlsync.reload.plan`); any change of engine tensors or incoming names, shapes or dtypes records again.
+    False: every sync goes through vLLM's `load_weights`."""
     reject_nonfinite: bool = True
     """Fail a sync that receives NaN or Inf (FP8 layers: free, from the quantizer's scales; other tensors: one
     pass). False is an explicit opt-out; the sync after each unchecked one then zeroes the whole KV cache."""

@@ -42,6 +42,7 @@ from rlsync.engine.config import EngineConfig
 from rlsync.engine.report import SyncReport
 from rlsync.engine.verify import verify_groups, weight_sources
 from rlsync.errors import ConfigError, EngineNotReady, SyncError
+from rlsync.quant.layout import stacked_view
 from rlsync.reload import ReloadBackend, Weights, capture, get_capture, make_backend
 from rlsync.source import WeightSource, source_for
 
@@ -60,6 +61,21 @@ def _finite(tensor: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(tensor)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _first_nonfinite(items: list[tuple[str, torch.Tensor]]) -> str | None:
+    """The first name whose tensor holds NaN or Inf, else None; evenly spaced views of one storage with one
+    shape (an MoE layer's experts) are checked as one tensor, one reduction for hundreds of tensors."""
+    parts: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in items:
+        key = (t.untyped_storage().data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride()) if t.numel() else (name,)
+        parts.setdefault(key, []).append((name, t))
+    bad: set[str] = set()
+    for part in parts.values():
+        whole = stacked_view([t for _, t in part]) if len(part) > 1 else None
+        if whole is None or not _finite(whole):
+            bad.update(name for name, t in part if not _finite(t))
+    return next((name for name, _ in items if name in bad), None)
 
 
 class EngineState(enum.Enum):
@@ -113,7 +129,8 @@ class VLLMEngine:
         get_capture(self.model)  # fails loudly if vLLM stopped calling the capture hook
         self.packed = vllm_engine.packed_modules_mapping(self.model)
         self.checkpoint_shapes = checkpoint_shapes(cfg.model)
-        self.backend: ReloadBackend = make_backend(cfg.reload_backend, self.model, vllm_engine.model_config(self.llm))
+        self.backend: ReloadBackend = make_backend(cfg.reload_backend, self.model, vllm_engine.model_config(self.llm),
+                                                    plan=cfg.sync_plan)
         self._scales: dict[str, tuple[torch.nn.Module, str]] = {}
         """FP8 layers' scales (linears' `weight_scale`, experts' `w13_weight_scale` / `w2_weight_scale`),
         checked for finiteness after each sync (`_check_scales`)."""
@@ -210,6 +227,8 @@ class VLLMEngine:
                 peak_load_bytes=self.backend.peak_live_bytes,
                 peak_gathered_bytes=source.stats.peak_bytes,
                 nonfinite_check_seconds=self._check_seconds,
+                planned=self.backend.planned,
+                plan_note=self.backend.plan_note,
             )
             if verify:
                 report.num_verified, report.num_written = verify_groups(self.model, self.packed, source.groups(), received)
@@ -223,6 +242,7 @@ class VLLMEngine:
         return report
 
     def _check_group(self, group: Weights, received: set[str]) -> None:
+        unchecked: list[tuple[str, torch.Tensor]] = []
         for name, tensor in group:
             want = self.checkpoint_shapes.get(name)
             if want is None:
@@ -234,9 +254,14 @@ class VLLMEngine:
                                 f"({', '.join(str(d) for d in ACCEPTED_DTYPES)})")
             if name in received:
                 raise SyncError(f"parameter {name!r} arrived twice in one sync")
-            if self.config.reject_nonfinite and name not in self._scale_checked and not self._timed_finite(tensor):
-                raise SyncError(f"parameter {name!r} has non-finite values (NaN or Inf; reject_nonfinite=True)")
+            if self.config.reject_nonfinite and name not in self._scale_checked:
+                unchecked.append((name, tensor))
             received.add(name)
+        t0 = time.perf_counter()
+        bad = _first_nonfinite(unchecked)
+        self._check_seconds += time.perf_counter() - t0
+        if bad is not None:
+            raise SyncError(f"parameter {bad!r} has non-finite values (NaN or Inf; reject_nonfinite=True)")
 
     def _timed_finite(self, tensor: torch.Tensor) -> bool:
         t0 = time.perf_counter()

@@ -27,6 +27,13 @@ class SyncReport:
     """Most gathered bytes the source held at once (its own counter)."""
     nonfinite_check_seconds: float = 0.0
     """Part of `seconds` spent checking for NaN / Inf (`reject_nonfinite`)."""
+    planned: bool | None = None
+    """rlsync backend with `sync_plan`: True when every group was replayed from the sync plan recorded on an
+    earlier sync (no name mapping, no loader dispatch); False when some group went through vLLM's
+    `load_weights` and was recorded (first sync, new names / shapes / dtypes, engine re-allocated, after a
+    failed sync); None when the backend keeps no plan."""
+    plan_note: str = ""
+    """Why the sync recorded instead of replaying (empty when it replayed)."""
     verified: bool | None = None
     """With `verify=True`: every engine tensor the sync wrote was compared and equals the reference; else None."""
     num_verified: int = 0
@@ -51,6 +58,8 @@ class SyncReport:
             out["peak_load_bytes"] = float(self.peak_load_bytes)
         if self.peak_gathered_bytes is not None:
             out["peak_gathered_bytes"] = float(self.peak_gathered_bytes)
+        if self.planned is not None:
+            out["planned"] = float(self.planned)
         if self.verified is not None:
             out["verified"] = float(self.verified)
             out["verified_tensors"] = float(self.num_verified)

@@ -17,6 +17,11 @@ applied to each expert alone. This module holds that math, free of vLLM:
   (one expert's gate, up or down projection) goes straight into that expert's
   rows of the kernel tensors through `fp8_linear.quantize_shard_into`, so the
   extra memory is one chunk of one expert shard;
+- `quantize_expert_shards_into`: the same for many experts' tensors of one
+  shard id at once (a replayed sync plan hands a layer's shards over
+  together): where they lie evenly in one storage, as transformers' reversed
+  conversion leaves them, one quantizer call covers them all, written
+  straight into the kernel rows (no stacked copy); otherwise one call each;
 - `experts_forward`: route tokens to experts and run each expert's two
   linears through callables (the plugin passes the kernels chosen by
   `rlsync.quant.kernels.choose_kernel`, the same dispatch as linear layers).
@@ -37,7 +42,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from rlsync.quant.fp8_linear import Fp8Config, PendingRows, quantize_full, quantize_shard_into
+from rlsync.quant import fused
+from rlsync.quant.fp8_linear import CHUNK_ELEMS, Fp8Config, PendingRows, quantize_full, quantize_shard_into
+from rlsync.quant.layout import stacked_view
 
 W13, W2 = "w13_weight", "w2_weight"
 SHARD_INDEX = {"w1": 0, "w3": 1, "w2": 0}
@@ -88,6 +95,38 @@ def quantize_expert_shard_into(config: Fp8Config, q_ENK: torch.Tensor, scale: to
         raise ValueError(f"shard id {shard_id!r} does not belong to a weight with {len(widths)} shard(s)")
     quantize_shard_into(config, q_ENK[expert], scale[expert], widths, index, loaded, dtype,
                         pending=pending[expert] if pending is not None else None)
+
+
+def quantize_expert_shards_into(config: Fp8Config, q_ENK: torch.Tensor, scale: torch.Tensor, widths: Sequence[int],
+                                shard_id: str, experts: Sequence[int], shards: Sequence[torch.Tensor], dtype: torch.dtype,
+                                pending: Sequence[PendingRows] | None = None, chunk_elems: int = CHUNK_ELEMS) -> None:
+    """`quantize_expert_shard_into` for each (expert, shard), same bits, in as few calls as the layout allows.
+
+    One call covers a run of consecutive experts whose tensors are one strided view (`stacked_view`), in the
+    engine dtype on the kernel's device, for the tensor and channel schemes; it writes into the kernel rows
+    and scales directly, `chunk_elems` elements at a time. Anything else goes shard by shard.
+    """
+    if len(experts) != len(shards):
+        raise ValueError(f"{len(experts)} expert ids for {len(shards)} tensors")
+    stacked = stacked_view(shards) if config.scheme in ("tensor", "channel") else None
+    consecutive = all(b == a + 1 for a, b in zip(experts, experts[1:], strict=False))
+    if (stacked is None or not consecutive or stacked.dtype != dtype or stacked.device != q_ENK.device
+            or shard_id not in SHARD_INDEX or not experts or not 0 <= experts[0] <= experts[-1] < q_ENK.shape[0]):
+        for expert, shard in zip(experts, shards, strict=True):
+            quantize_expert_shard_into(config, q_ENK, scale, widths, int(expert), shard_id, shard, dtype, pending)
+        return
+    index = SHARD_INDEX[shard_id]
+    if index >= len(widths):
+        raise ValueError(f"shard id {shard_id!r} does not belong to a weight with {len(widths)} shard(s)")
+    n, k = widths[index], q_ENK.shape[2]
+    if tuple(stacked.shape[1:]) != (n, k):
+        raise ValueError(f"expert shard {shard_id!r} has shape {tuple(stacked.shape[1:])}, expected {(n, k)}")
+    start, e0 = sum(widths[:index]), int(experts[0])
+    step = max(1, chunk_elems // (n * k))
+    for s in range(0, len(experts), step):
+        rows = slice(e0 + s, e0 + min(s + step, len(experts)))
+        dst_scale = scale[rows, start:start + n] if config.scheme == "channel" else scale[rows, index:index + 1]
+        fused.stacked_fp8_into(config.scheme, stacked[s:s + step], q_ENK[rows, start:start + n], dst_scale)
 
 
 Linear = Callable[[int, torch.Tensor], torch.Tensor]

@@ -61,3 +61,4 @@ def _fused(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 fp8_per_channel = _fused(reference.fp8_per_channel)
 quantize_with_tensor_scale = _fused(reference.quantize_with_tensor_scale)
+stacked_fp8_into = _fused(reference.stacked_fp8_into)

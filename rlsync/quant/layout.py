@@ -197,3 +197,28 @@ def unpack(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     fields = stream[:, : length * bits].reshape(rows, length, bits)
     unsigned = (fields << torch.arange(bits)).sum(-1)
     return (unsigned - (1 << (bits - 1))).to(torch.int8)
+
+
+def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors as one (S, ...) view when they lie at even, non-overlapping steps in one storage, else None.
+
+    Why: a sync hands over an MoE layer's experts as hundreds of tensors that transformers' reversed
+    conversion leaves as evenly spaced views of one buffer (and their destinations in a fused expert
+    weight are evenly spaced too); seen as one view, they take one copy or one quantizer call.
+    """
+    if not tensors:
+        return None
+    first = tensors[0]
+    shape, stride, dtype = tuple(first.shape), first.stride(), first.dtype
+    ptr = first.untyped_storage().data_ptr()
+    span = 1 + sum((size - 1) * st for size, st in zip(shape, stride, strict=True)) if first.numel() else 0
+    if first.numel() == 0 or any(st < 0 for st in stride):
+        return None
+    step = tensors[1].storage_offset() - first.storage_offset() if len(tensors) > 1 else span
+    if step < span:
+        return None
+    for i, t in enumerate(tensors):
+        if (tuple(t.shape) != shape or t.stride() != stride or t.dtype != dtype or t.device != first.device
+                or t.untyped_storage().data_ptr() != ptr or t.storage_offset() != first.storage_offset() + i * step):
+            return None
+    return first.as_strided((len(tensors), *shape), (step, *stride), first.storage_offset())

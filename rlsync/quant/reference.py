@@ -80,6 +80,31 @@ def quantize_with_tensor_scale(weight: torch.Tensor, scale_1: torch.Tensor) -> t
     return (weight.to(torch.float32) * scale_1.to(torch.float32).reciprocal()).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def stacked_fp8_into(scheme: str, w_SNK: torch.Tensor, q_SNK: torch.Tensor, scale: torch.Tensor) -> None:
+    """`fp8_per_channel` (scale (S, N, 1)) or `fp8_per_tensor` (scale (S, 1)) of each of S stacked weights,
+    written into `q_SNK` and `scale` (views of kernel storage), with no per-weight call.
+
+    The same operations as the 2-D functions applied to each `w_SNK[s]` alone (reductions over that
+    weight only, the same elementwise steps), so the bits are theirs; `tests/unit/test_quant_experts.py`
+    checks it. Why: expert layers send hundreds of small shards; one call for all of them costs per byte.
+    """
+    fp8_max = torch.tensor(FP8_MAX, dtype=torch.float32, device=w_SNK.device)
+    if scheme == "channel":
+        lo, hi = w_SNK.aminmax(dim=-1, keepdim=True)
+        amax = torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
+        s = (amax / fp8_max).clamp_min(1.0 / (fp8_max * 512))
+        q_SNK.copy_((w_SNK / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+        scale.copy_(s)
+    elif scheme == "tensor":
+        lo, hi = w_SNK.reshape(w_SNK.shape[0], -1).aminmax(dim=-1)
+        amax = torch.maximum(lo.abs(), hi.abs()).reshape(-1, 1).to(torch.float32)
+        s = (amax / fp8_max).clamp_min(_TINY)
+        q_SNK.copy_((w_SNK.to(torch.float32) * s.reciprocal()[:, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+        scale.copy_(s)
+    else:
+        raise ValueError(f"stacked quantization covers the tensor and channel schemes, not {scheme!r}")
+
+
 def fp8_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor FP8: returns (`q` e4m3, `scale_1` fp32 of shape (1,)).
 

@@ -41,7 +41,15 @@ import torch
 from rlsync.adapters import vllm_quant as vq
 from rlsync.errors import ConfigError
 from rlsync.quant.fp8_linear import Fp8Config, PendingRows
-from rlsync.quant.fp8_moe import W2, W13, ExpertShapes, experts_forward, quantize_expert_shard_into, quantize_experts
+from rlsync.quant.fp8_moe import (
+    W2,
+    W13,
+    ExpertShapes,
+    experts_forward,
+    quantize_expert_shard_into,
+    quantize_expert_shards_into,
+    quantize_experts,
+)
 from rlsync.quant.kernels import Kernel, LinearDescriptor, choose_kernel
 from rlsync.quant.layout import QuantizedTensor
 
@@ -112,6 +120,25 @@ class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
                                        shard_id, loaded_weight, owner.orig_dtype, pending=pending)
             return True if return_success else None
 
+        def rlsync_batch(param: torch.Tensor, items: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+            """Many shards at once (a replayed sync plan): runs of one shard id quantized together."""
+            owner = layer_ref()
+            run: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+            def flush() -> None:
+                if run:
+                    quantize_expert_shards_into(config, param.data, getattr(owner, f"{name}_scale").data, widths,
+                                                run[0][1]["shard_id"], [int(a["expert_id"]) for _, a in run],
+                                                [t for t, _ in run], owner.orig_dtype, pending=pending)
+                    run.clear()
+
+            for loaded, named in items:
+                if run and named["shard_id"] != run[0][1]["shard_id"]:
+                    flush()
+                run.append((loaded, named))
+            flush()
+
+        rlsync_expert_arrival_loader.rlsync_batch = rlsync_batch
         return rlsync_expert_arrival_loader
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module):

@@ -146,10 +146,13 @@ __all__ = [
 ]
 
 
-def make_backend(name: str, model: nn.Module, model_config: Any) -> ReloadBackend:
-    """Build the reload backend called `name` (one of `RELOAD_BACKENDS`) for this engine model."""
+def make_backend(name: str, model: nn.Module, model_config: Any, *, plan: bool = True) -> ReloadBackend:
+    """Build the reload backend called `name` (one of `RELOAD_BACKENDS`) for this engine model.
+
+    `plan`: rlsync's backend records a sync plan on its first sync and replays it after (`plan.py`).
+    """
     if name == "vllm":
         return VLLMLayerwiseBackend(model, model_config)
     if name == "rlsync":
-        return Reload(model, model_config)
+        return Reload(model, model_config, plan=plan)
     raise ValueError(f"unknown reload_backend {name!r}; choose one of {', '.join(RELOAD_BACKENDS)}")

@@ -31,6 +31,10 @@ class ReloadBackend(abc.ABC):
     """One sync session over an engine model."""
 
     name: str = ""
+    planned: bool | None = None
+    """Whether the last sync replayed a recorded sync plan for every group (None: this backend has no plans)."""
+    plan_note: str = ""
+    """Why the last sync recorded (part of) its plan instead of replaying it ("" when it replayed or has none)."""
 
     def __init__(self) -> None:
         self.peak_live_bytes = 0

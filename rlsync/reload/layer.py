@@ -37,11 +37,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from rlsync.adapters import vllm_layers, vllm_load
 from rlsync.errors import SyncError
 from rlsync.reload.capture import LayerCapture, TensorSpec, layer_tensors, plain_tensor_attrs
+from rlsync.quant.layout import stacked_view
+from rlsync.reload.plan import LoaderTrace, PlannedCall, Recorder, geometry, span, template, view_of
 
 
 class LiveBytes:
@@ -57,19 +59,6 @@ class LiveBytes:
 
     def release(self, nbytes: int) -> None:
         self.live -= nbytes
-
-
-class _CopyCounter(TorchDispatchMode):
-    """Counts elements written by `copy_`, whatever views a loader narrows first."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.copy_.default:
-            self.numel += args[0].numel()
-        return func(*args, **(kwargs or {}))
 
 
 _MISSING = object()
@@ -94,8 +83,52 @@ class LoaderPatches:
         self._saved.clear()
 
 
-def _bind(loader: Callable, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    bound = inspect.signature(loader).bind(*args, **kwargs)
+class Slot:
+    """The recorder of the group being loaded right now, shared by one session's layers (None: not recording)."""
+
+    def __init__(self) -> None:
+        self.recorder: Recorder | None = None
+
+
+def _loading(slot: Slot, fn: Callable[[], Any]) -> Any:
+    """Run one loader call; while recording, outside the recorder's watch (its mutations are the loader's).
+
+    The watch is a dispatch mode: left active, it would also run the plugin's compiled quantizers
+    in eager mode (TorchDynamo does not compile under a Python dispatch mode).
+    """
+    if slot.recorder is None:
+        return fn()
+    with _disable_current_modes():
+        return fn()
+
+
+def _record(slot: Slot, layer: str, pname: str, key: tuple, numel: int, bound: inspect.BoundArguments,
+            copies: list | None) -> None:
+    """Store one loader call for the incoming tensor its `loaded_weight` is a view of (or spoil the group)."""
+    rec = slot.recorder
+    if rec is None:
+        return
+    param, loaded = bound.arguments["param"], bound.arguments["loaded_weight"]
+    src = rec.source_of(loaded)
+    args = template(bound.args, param, loaded)
+    kwargs = template(list(bound.kwargs.values()), param, loaded)
+    if src is None or args is None or kwargs is None:
+        rec.spoil(f"{layer}.{pname}: its loader received a tensor that is no view of an incoming tensor")
+        return
+    named = {k: v for k, v in bound.arguments.items() if k not in ("param", "loaded_weight")}
+    rec.add(src[0], PlannedCall(layer=layer, pname=pname, key=key, numel=numel, loaded=geometry(loaded, src[1]),
+                                args=args, kwargs=dict(zip(bound.kwargs, kwargs, strict=True)), named=named,
+                                copies=None if copies is None else tuple(copies)))
+
+
+def _disjoint(views: list[torch.Tensor]) -> bool:
+    """No two views touch the same storage elements (checked on their spans, which is stricter)."""
+    spans = sorted(span(v) for v in views)
+    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def _bind(sig: inspect.Signature, loader: Callable, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    bound = sig.bind(*args, **kwargs)
     if "param" not in bound.arguments or "loaded_weight" not in bound.arguments:
         raise SyncError(f"weight loader {getattr(loader, '__qualname__', loader)} has no `param` / `loaded_weight` arguments")
     return bound
@@ -124,8 +157,12 @@ def _default_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
 class SwappedLayer:
     """A layer reloaded through its load format (see module docstring)."""
 
-    def __init__(self, name: str, layer: nn.Module, spec: LayerCapture, live: LiveBytes, patches: LoaderPatches) -> None:
+    def __init__(self, name: str, layer: nn.Module, spec: LayerCapture, live: LiveBytes, patches: LoaderPatches,
+                 slot: Slot | None = None) -> None:
         self.name, self.layer, self.spec, self.live, self.patches = name, layer, spec, live, patches
+        self.slot = slot or Slot()
+        self.originals: dict[str, Callable] = {}
+        """The loader underneath each parameter's counting wrapper (a planned call is replayed through it)."""
         self.kernel_params, self.kernel_buffers = layer_tensors(layer)
         self.kernel_attrs = plain_tensor_attrs(layer, spec.params)
         """Kernel tensors processing left as plain attributes under a parameter's name."""
@@ -153,31 +190,87 @@ class SwappedLayer:
 
     def _make_loader(self, pname: str) -> Callable:
         spec = self.spec.params[pname]
-        original = _loader_of(spec, self.layer)
+        original = self.originals[pname] = _loader_of(spec, self.layer)
+        sig = inspect.signature(original)  # once per sync, not per shard
 
         def rlsync_reload_loader(*args: Any, **kwargs: Any) -> Any:
-            return self._load(pname, spec, original, args, kwargs)
+            return _loading(self.slot, lambda: self._load(pname, spec, original, sig, args, kwargs))
 
         return rlsync_reload_loader
 
     # ------------------------------------------------------------- load
-    def _load(self, pname: str, spec: TensorSpec, original: Callable, args: tuple, kwargs: dict) -> Any:
+    def _claim(self, key: tuple) -> None:
         if self.done:
-            raise SyncError(f"{self.name}.{pname} loaded twice: the layer was already complete in this sync")
-        bound = _bind(original, args, kwargs)
-        key = (pname, _shard_key(bound))
+            raise SyncError(f"{self.name}.{key[0]} loaded twice: the layer was already complete in this sync")
         if key in self.shards:
-            raise SyncError(f"{self.name}.{pname} loaded twice (shard {dict(key[1]) or 'whole tensor'})")
+            raise SyncError(f"{self.name}.{key[0]} loaded twice (shard {dict(key[1]) or 'whole tensor'})")
         self.shards.add(key)
-        bound.arguments["param"] = self._materialize(pname, spec)
-        with _CopyCounter() as counter:
-            result = original(*bound.args, **bound.kwargs)
-        numel = min(counter.numel, spec.load_numel)
+
+    def _count(self, pname: str, numel: int) -> None:
         self.loaded[pname] += numel
         self.count += numel
         if self.count >= self.total:
             self.finish()
+
+    def _load(self, pname: str, spec: TensorSpec, original: Callable, sig: inspect.Signature, args: tuple,
+              kwargs: dict) -> Any:
+        bound = _bind(sig, original, args, kwargs)
+        key = (pname, _shard_key(bound))
+        self._claim(key)
+        param = bound.arguments["param"] = self._materialize(pname, spec)
+        rec = self.slot.recorder
+        source = rec.source_of(bound.arguments["loaded_weight"]) if rec is not None else None
+        with LoaderTrace(param, source[1] if source else None) as trace:
+            result = original(*bound.args, **bound.kwargs)
+        numel = min(trace.numel, spec.load_numel)
+        _record(self.slot, self.name, pname, key, numel, bound, trace.copies)
+        self._count(pname, numel)
         return result
+
+    def batchable(self, call: PlannedCall) -> bool:
+        """A planned call that is one copy: consecutive ones into this parameter may become one copy."""
+        return call.copies is not None and len(call.copies) == 1
+
+    def replay_batch(self, calls: list[PlannedCall], tensors: list[torch.Tensor]) -> None:
+        """Single-copy planned calls for one parameter, as few `copy_`s as the layout allows; same checks and
+        counts as `replay`.
+
+        The calls are split by shard (`*shard_id*` loader arguments: an expert layer's gate, up, down) and
+        geometry; each part whose destinations and sources are evenly spaced views (an MoE layer's experts)
+        becomes one copy. Writes leave arrival order only when no two destinations overlap.
+        """
+        for call in calls:
+            self._claim(call.key)
+        pname = calls[0].pname
+        param = self._materialize(pname, self.spec.params[pname])
+        pairs = [(view_of(param, c.copies[0][0]), view_of(t, c.copies[0][1])) for c, t in zip(calls, tensors, strict=True)]
+        with torch.no_grad():
+            if _disjoint([d for d, _ in pairs]):
+                parts: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+                for call, (d, s) in zip(calls, pairs, strict=True):
+                    shard = tuple((k, v) for k, v in call.named.items() if "shard" in k)
+                    parts.setdefault((shard, d.shape, d.stride(), s.shape, s.stride()), []).append((d, s))
+                pairs = []
+                for part in parts.values():
+                    dst, src = stacked_view([d for d, _ in part]), stacked_view([s for _, s in part])
+                    if dst is not None and src is not None:
+                        dst.copy_(src)
+                    else:
+                        pairs += part
+            for d, s in pairs:
+                d.copy_(s)
+        for call in calls:
+            self._count(pname, call.numel)
+
+    def replay(self, call: PlannedCall, tensor: torch.Tensor) -> None:
+        """One planned call: the recorded copies (or the loader, called directly), then the same counting."""
+        self._claim(call.key)
+        param = self._materialize(call.pname, self.spec.params[call.pname])
+        if call.copies is not None:
+            call.write(param, tensor)
+        else:
+            call.call(self.originals[call.pname], param, tensor)
+        self._count(call.pname, call.numel)
 
     def _materialize(self, pname: str, spec: TensorSpec) -> torch.Tensor:
         tensor = self.materialized.get(pname)
@@ -310,8 +403,12 @@ class ArrivalLayer:
     complete, and on abort.
     """
 
-    def __init__(self, name: str, layer: nn.Module, spec: LayerCapture, patches: LoaderPatches) -> None:
+    def __init__(self, name: str, layer: nn.Module, spec: LayerCapture, patches: LoaderPatches,
+                 slot: Slot | None = None) -> None:
         self.name, self.layer, self.spec, self.patches = name, layer, spec, patches
+        self.slot = slot or Slot()
+        self.kernels: dict[str, tuple[torch.Tensor, Callable]] = {}
+        """Each kernel parameter and the loader underneath its counting wrapper (for planned calls)."""
         self.total = spec.load_numel
         self.count = 0
         self.shards: set[tuple] = set()
@@ -333,21 +430,54 @@ class ArrivalLayer:
             self.layer._parameters[pname] = stand_in
 
     def _make_loader(self, pname: str, kernel: torch.Tensor, original: Callable) -> Callable:
-        def rlsync_arrival_loader(*args: Any, **kwargs: Any) -> Any:
-            bound = _bind(original, args, kwargs)
+        self.kernels[pname] = (kernel, original)
+        sig = inspect.signature(original)  # once per sync, not per shard
+
+        def load(args: tuple, kwargs: dict) -> Any:
+            bound = _bind(sig, original, args, kwargs)
             bound.arguments["param"] = kernel  # the plugin writes the kernel tensor, whatever vLLM was shown
             key = (pname, _shard_key(bound))
             numel = bound.arguments["loaded_weight"].numel()
-            if self.done or key in self.shards or self.count + numel > self.total:
-                raise SyncError(f"{self.name}.{pname} loaded twice (shard {dict(key[1]) or 'whole tensor'})")
-            self.shards.add(key)
+            self._claim(key, numel)
             result = original(*bound.args, **bound.kwargs)
-            self.count += numel
-            if self.count >= self.total:
-                self.finish()
+            _record(self.slot, self.name, pname, key, numel, bound, None)
+            self._count(numel)
             return result
 
+        def rlsync_arrival_loader(*args: Any, **kwargs: Any) -> Any:
+            return _loading(self.slot, lambda: load(args, kwargs))
+
         return rlsync_arrival_loader
+
+    def _claim(self, key: tuple, numel: int) -> None:
+        if self.done or key in self.shards or self.count + numel > self.total:
+            raise SyncError(f"{self.name}.{key[0]} loaded twice (shard {dict(key[1]) or 'whole tensor'})")
+        self.shards.add(key)
+
+    def _count(self, numel: int) -> None:
+        self.count += numel
+        if self.count >= self.total:
+            self.finish()
+
+    def replay(self, call: PlannedCall, tensor: torch.Tensor) -> None:
+        """One planned call: the plugin's loader called directly with the recorded arguments."""
+        self._claim(call.key, call.numel)
+        kernel, original = self.kernels[call.pname]
+        call.call(original, kernel, tensor)
+        self._count(call.numel)
+
+    def batchable(self, call: PlannedCall) -> bool:
+        """The parameter's loader takes many planned shards in one call (`rlsync_batch`)."""
+        return hasattr(self.kernels[call.pname][1], "rlsync_batch")
+
+    def replay_batch(self, calls: list[PlannedCall], tensors: list[torch.Tensor]) -> None:
+        """Planned calls for one parameter handed to its loader's `rlsync_batch` together; same checks, same counts."""
+        for call in calls:
+            self._claim(call.key, call.numel)
+        kernel, original = self.kernels[calls[0].pname]
+        original.rlsync_batch(kernel, [(c.loaded_view(t), c.named) for c, t in zip(calls, tensors, strict=True)])
+        for call in calls:
+            self._count(call.numel)
 
     def finish(self) -> None:
         self.done = True

@@ -22,6 +22,7 @@ Modules with buffers only (rotary caches, attention scales) are left alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -37,7 +38,8 @@ from rlsync.reload.capture import (
     plain_tensor_attrs,
     record_kernel_format,
 )
-from rlsync.reload.layer import ArrivalLayer, InPlaceLayer, LiveBytes, LoaderPatches, SwappedLayer
+from rlsync.reload.layer import ArrivalLayer, InPlaceLayer, LiveBytes, LoaderPatches, Slot, SwappedLayer
+from rlsync.reload.plan import PlannedCall, Recorder, SyncPlan
 from rlsync.reload.support import check_supported
 
 
@@ -51,8 +53,15 @@ class Reload(ReloadBackend):
 
     name = "rlsync"
 
-    def __init__(self, model: nn.Module, model_config: Any | None = None) -> None:
+    def __init__(self, model: nn.Module, model_config: Any | None = None, *, plan: bool = False) -> None:
         super().__init__()
+        self.plan: SyncPlan | None = SyncPlan() if plan else None
+        """Recorded loader calls replayed on later syncs (`rlsync.reload.plan`); None: every group through vLLM."""
+        self.plan_note = ""
+        """Why the last sync (partly) recorded instead of replaying, for the report and the log."""
+        self._planned = False
+        self.slot = Slot()
+        self.by_name: dict[str, SwappedLayer | ArrivalLayer] = {}
         self.model = model
         self.capture: ModelCapture = get_capture(model)
         quantization = model_config.quantization if model_config is not None else self.capture.quantization
@@ -109,28 +118,101 @@ class Reload(ReloadBackend):
         self.peak_live_bytes = 0
         self.loaded_names = set()
         self.layers = []
+        self.by_name = {}
+        self._check_plan(plan, modules)
         self.open = True
         try:
             for name, spec, kind in plan:
                 if kind == "swap":
-                    session = SwappedLayer(name, modules[name], spec, self.live, self.patches)
+                    session = SwappedLayer(name, modules[name], spec, self.live, self.patches, self.slot)
                 elif kind == "in_place":
-                    session = InPlaceLayer(name, modules[name], spec, self.live, self.patches)
+                    session = InPlaceLayer(name, modules[name], spec, self.live, self.patches, self.slot)
                 else:
-                    session = ArrivalLayer(name, modules[name], spec, self.patches)
+                    session = ArrivalLayer(name, modules[name], spec, self.patches, self.slot)
+                self.by_name[name] = session
                 self.layers.append(session)  # before swapping: a layer that fails half-way is restored too
                 session.swap_out()
         except BaseException:
             self.abort()  # every layer swapped so far back on its kernel tensors, loaders restored
             raise
 
+    def _check_plan(self, plan: list[tuple[str, Any, str]], modules: dict[str, nn.Module]) -> None:
+        """Drop the plan unless every taking-part layer still has the kernel tensors it was recorded with."""
+        self.planned = self.plan is not None
+        self.plan_note = ""
+        if self.plan is None:
+            return
+        fingerprint = tuple(
+            (name, kind, tuple((n, t.data_ptr(), tuple(t.shape), t.dtype) for n, t in layer_tensors(modules[name])[0].items()))
+            for name, _, kind in plan
+        )
+        if fingerprint != self.plan.fingerprint:
+            if self.plan.entries:
+                self.plan_note = "engine parameters changed since the plan was recorded (rebuilt or re-allocated)"
+            self.plan.clear()
+            self.plan.fingerprint = fingerprint
+
+    @property
+    def planned(self) -> bool | None:
+        """Whether every group of the current / last sync was replayed from the plan (None: plans off)."""
+        return self._planned if self.plan is not None else None
+
+    @planned.setter
+    def planned(self, value: bool) -> None:
+        self._planned = value
+
     def load(self, group: Weights) -> None:
         if not self.open:
             raise SyncError("load() outside a reload session: call begin() first")
         try:
-            self.loaded_names |= vllm_engine.load_weights(self.model, group)
+            if self.plan is None or not isinstance(group, Sequence):
+                self.loaded_names |= vllm_engine.load_weights(self.model, group)
+                return
+            calls = self.plan.lookup(group)
+            if calls is None:
+                self._record(group)
+            else:
+                self._replay(group, calls)
         finally:
             self.peak_live_bytes = self.live.peak
+
+    def _record(self, group: Weights) -> None:
+        """vLLM's `load_weights`, with every loader call attributed to its incoming tensor and stored."""
+        assert self.plan is not None
+        self.planned = False
+        if not self.plan_note:
+            self.plan_note = f"recorded: {group[0][0] if group else 'an empty group'} was not planned yet"
+        recorder = self.slot.recorder = Recorder(group)
+        try:
+            with recorder.watching():
+                self.loaded_names |= vllm_engine.load_weights(self.model, recorder.feed())
+        finally:
+            self.slot.recorder = None
+        self.plan.store(recorder)
+
+    def _replay(self, group: Weights, calls: list[tuple[PlannedCall, ...]]) -> None:
+        """Each planned call in arrival order; consecutive calls for one batchable parameter together."""
+        batch: list[tuple[PlannedCall, Any]] = []
+
+        def flush() -> None:
+            if batch:
+                self.by_name[batch[0][0].layer].replay_batch([c for c, _ in batch], [t for _, t in batch])
+                batch.clear()
+
+        for (_, tensor), planned in zip(group, calls, strict=True):
+            for call in planned:
+                layer = self.by_name.get(call.layer)
+                if layer is None:
+                    raise SyncError(f"sync plan names layer {call.layer!r}, which takes no part in this sync")
+                self.loaded_names.add(f"{call.layer}.{call.pname}")
+                if layer.batchable(call):
+                    if batch and (batch[0][0].layer, batch[0][0].pname) != (call.layer, call.pname):
+                        flush()
+                    batch.append((call, tensor))
+                    continue
+                flush()
+                layer.replay(call, tensor)
+        flush()
 
     def commit(self) -> None:
         if not self.open:
@@ -147,6 +229,8 @@ class Reload(ReloadBackend):
         vllm_layers.refresh_tied_followers(self.model)
 
     def abort(self) -> None:
+        if self.plan is not None:
+            self.plan.clear()  # a failed sync records again: never replay decisions made around a failure
         for session in self.layers:
             session.restore()
         self.patches.restore()

@@ -93,12 +93,19 @@ def test_sync_equals_a_fresh_engine_on_both_backends(family, scheme, tmp_path):
 
         report = engine.sync(trainer, step=1, verify=True)
         assert report.verified and report.num_verified == report.num_written == len(want)
+        assert report.planned is False  # the first sync goes through vLLM's load_weights and records the plan
+        _assert_same(kernel_bits(engine), want)
+
+        # The plan replayed (batched expert copies / quantizer calls): other weights, then these again.
+        other = _trainer(path)
+        perturb(other, scale=0.02, seed=2)
+        assert engine.sync(other, step=2).planned is True
+        report = engine.sync(trainer, step=3, verify=True)
+        assert report.planned is True and report.num_verified == report.num_written == len(want)
         _assert_same(kernel_bits(engine), want)
 
         # vLLM's layerwise reload on the same engine: other weights first, then these again.
         engine.backend = make_backend("vllm", engine.model, vllm_engine.model_config(engine.llm))
-        other = _trainer(path)
-        perturb(other, scale=0.02, seed=2)
         engine.sync(other, step=2)
         report = engine.sync(trainer, step=3, verify=True)
         assert report.backend == "vllm" and report.num_verified == report.num_written == len(want)

@@ -14,6 +14,7 @@ from rlsync.quant.fp8_moe import (
     ExpertShapes,
     experts_forward,
     quantize_expert_shard_into,
+    quantize_expert_shards_into,
     quantize_experts,
 )
 from tests.unit.support import fp8_bits
@@ -74,6 +75,49 @@ def test_arrival_per_expert_shard_in_any_order_equals_the_reference(config, seed
         # Held straddling rows: under one block height per expert of w13 (the gate / up boundary), none for w2.
         held = sum(p.num_rows() for p in pending)
         assert held <= (SHAPES.num_experts * (config.block[0] - 1) if name == W13 and config.scheme == "block" else 0)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.scheme)
+@pytest.mark.parametrize("layout", ["evenly-spaced", "separate", "reversed"])
+def test_many_shards_at_once_equal_the_reference(config, layout):
+    """`quantize_expert_shards_into` (what a replayed sync plan calls): one call for every expert's gates, ups and
+    downs when they are evenly spaced views of one buffer (as transformers' reversed conversion leaves them), one
+    call each otherwise (separate tensors, experts out of order, block scheme); the bits are the reference's
+    either way. `chunk_elems` forces several calls per run."""
+    experts = _experts(3)
+    i, n = SHAPES.intermediate, SHAPES.num_experts
+    order = list(range(n))[::-1] if layout == "reversed" else list(range(n))
+    runs = {("w1", W13): experts[W13][:, :i], ("w3", W13): experts[W13][:, i:], ("w2", W2): experts[W2]}
+    stored = {}
+    for name, w in experts.items():
+        q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+        q.view(torch.uint8).fill_(0x7F)
+        stored[name] = (q, torch.full(SHAPES.scale_shape(config, name), float("nan")), [PendingRows() for _ in range(n)])
+    for (shard, name), w in runs.items():
+        w = w.contiguous() if layout != "separate" else w
+        tensors = [w[e] if layout != "separate" else w[e].clone() for e in order]
+        q, s, pending = stored[name]
+        quantize_expert_shards_into(config, q, s, SHAPES.widths(name), shard, order, tensors, torch.bfloat16,
+                                    pending=pending, chunk_elems=3 * w[0].numel())
+    for name, w in experts.items():
+        want_q, want_s = quantize_experts(config, w, SHAPES.widths(name))
+        q, s, _ = stored[name]
+        assert torch.equal(fp8_bits(q), fp8_bits(want_q)), name
+        assert torch.equal(s, want_s), name
+
+
+def test_stacked_quantizer_is_the_2d_reference_per_weight():
+    w = (torch.randn(5, 40, 24) * 0.02).to(torch.bfloat16)
+    w[2, 3] *= 100
+    for scheme, ref_fn, scale_shape in (("channel", ref.fp8_per_channel, (5, 40, 1)), ("tensor", ref.fp8_per_tensor, (5, 1))):
+        q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+        s = torch.empty(scale_shape)
+        ref.stacked_fp8_into(scheme, w, q, s)
+        for e in range(5):
+            q_e, s_e = ref_fn(w[e])
+            assert torch.equal(fp8_bits(q[e]), fp8_bits(q_e)) and torch.equal(s[e], s_e.reshape(s[e].shape)), (scheme, e)
+    with pytest.raises(ValueError, match="block"):
+        ref.stacked_fp8_into("block", w, q, s)
 
 
 def test_arrival_refuses_what_it_cannot_place():

@@ -1,0 +1,258 @@
+"""Sync plans: record where each checkpoint tensor's bytes land on one sync, replay that on the next.
+
+Why: every step feeds the same names, shapes and dtypes into the same engine,
+and vLLM's `load_weights` makes the same decisions every time: which module a
+name maps to, which loader, which shard id and expert id, which rows. That
+machinery costs per tensor, not per byte. On a Qwen3-MoE layer of 256 experts
+(768 checkpoint tensors) it was most of a sync (benchmarks/README.md, MoE
+section). A plan makes it once.
+
+Recording (a group the plan does not cover goes through vLLM's `load_weights`
+as before): each loader call the reload backend's layer sessions see is
+attributed to the incoming tensor its `loaded_weight` is a view of (same
+storage, inside its bytes) and stored as a `PlannedCall`: the layer, the
+parameter, the shard key, the loader's other arguments, the numel counted and
+the view of the incoming tensor it received. Where the loader only copied
+views of that tensor into views of the parameter (checked on its dispatch
+trace: every mutating op a `copy_`, every source inside the incoming tensor,
+every destination inside the parameter), the copies' geometry is stored too.
+
+Replay (a group whose every name is planned with the same shape, stride and
+dtype): per tensor, one dictionary lookup, then either the recorded copies
+(`as_strided` on both sides, `copy_`) or one direct call of the loader with
+the recorded arguments. No name mapping, no loader dispatch, no signature
+binding, no counting mode. The layer sessions still count, refuse a second
+load and finish each layer when complete, exactly as on the recording path,
+so commit's completeness check and fail-closed behaviour are unchanged.
+
+What makes a group unplannable (recorded as such, so it keeps going through
+vLLM, and the sync reports `planned=False`): a loader call whose
+`loaded_weight` is no view of any incoming tensor (vLLM computed it), a loader
+argument that is a tensor, or a mutation outside any loader call.
+
+Invalidation: the plan is keyed by `fingerprint` (every participating layer's
+name, kind and its kernel tensors' identity, shape and dtype). A different
+fingerprint at `begin` (engine rebuilt, sleep level 2 re-allocated the
+weights, another quant config) drops the whole plan; a tensor with another
+shape, stride or dtype than recorded sends its group down the recording path;
+an aborted sync drops the plan. A replay therefore never writes with stale
+decisions; at worst it records again.
+
+Assumption (stated, tested on every family of the family matrix and MoE,
+both arrival orders): a loader's effect is what its tensor ops do. A vLLM
+loader that kept Python state between calls would be replayed by calling it
+again (not by copies) only if it also wrote outside the parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
+"""(size, stride, storage offset relative to a base tensor's own offset)."""
+
+PARAM, LOADED = object(), object()
+"""Placeholders for `param` and `loaded_weight` in a recorded argument list."""
+
+
+def span(t: torch.Tensor) -> tuple[int, int]:
+    """First and one-past-last storage element `t` touches."""
+    lo = hi = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if size == 0:
+            return lo, lo
+        if stride >= 0:
+            hi += (size - 1) * stride
+        else:
+            lo += (size - 1) * stride
+    return lo, hi + 1
+
+
+def geometry(view: torch.Tensor, base: torch.Tensor) -> Geometry | None:
+    """`view` as (size, stride, offset) inside `base`'s elements, or None when it is not inside them."""
+    if view.dtype != base.dtype or view.device != base.device or view.is_meta or base.is_meta:
+        return None
+    if view.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+        return None
+    lo, hi = span(view)
+    blo, bhi = span(base)
+    if lo < blo or hi > bhi:
+        return None
+    return tuple(view.shape), tuple(view.stride()), view.storage_offset() - base.storage_offset()
+
+
+def view_of(base: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    size, stride, offset = geom
+    return base.as_strided(size, stride, base.storage_offset() + offset)
+
+
+def meta_of(t: torch.Tensor) -> tuple:
+    """What an incoming tensor must match for its planned calls to apply."""
+    return tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlannedCall:
+    """One loader call recorded for one incoming tensor."""
+
+    layer: str
+    """Module name of the layer session that received it."""
+    pname: str
+    """The layer's parameter."""
+    key: tuple
+    """Shard key (`loaded_shard_id`, expert id, ...), for the loaded-twice check."""
+    numel: int
+    """Load-format elements the call counted."""
+    loaded: Geometry
+    """The `loaded_weight` the loader received, as a view of the incoming tensor."""
+    args: tuple
+    """Positional arguments, `PARAM` / `LOADED` where those go."""
+    kwargs: dict[str, Any]
+    """Keyword arguments, same placeholders."""
+    named: dict[str, Any]
+    """The loader's other (non-tensor) arguments by parameter name, for a loader's `rlsync_batch`."""
+    copies: tuple[tuple[Geometry, Geometry], ...] | None
+    """(destination in the parameter, source in the incoming tensor) per `copy_`; None: call the loader."""
+
+    def call(self, loader: Callable, param: torch.Tensor, tensor: torch.Tensor) -> Any:
+        loaded = view_of(tensor, self.loaded)
+        sub = lambda v: param if v is PARAM else loaded if v is LOADED else v  # noqa: E731
+        return loader(*(sub(a) for a in self.args), **{k: sub(v) for k, v in self.kwargs.items()})
+
+    def loaded_view(self, tensor: torch.Tensor) -> torch.Tensor:
+        return view_of(tensor, self.loaded)
+
+    def write(self, param: torch.Tensor, tensor: torch.Tensor) -> None:
+        assert self.copies is not None
+        with torch.no_grad():
+            for dst, src in self.copies:
+                view_of(param, dst).copy_(view_of(tensor, src))
+
+
+def template(values: Sequence[Any], param: torch.Tensor, loaded: torch.Tensor) -> tuple | None:
+    """`values` with `PARAM` / `LOADED` for those two tensors, or None when another value is a tensor."""
+    out = []
+    for v in values:
+        if v is param:
+            out.append(PARAM)
+        elif v is loaded:
+            out.append(LOADED)
+        elif isinstance(v, torch.Tensor):
+            return None
+        else:
+            out.append(v)
+    return tuple(out)
+
+
+class LoaderTrace(TorchDispatchMode):
+    """Counts the elements a loader call writes with `copy_`, and whether those copies alone are its effect.
+
+    `copies` stays a list of (destination, source) geometries while every
+    mutating op is a `copy_` from inside `source` into `param`; anything else
+    sets it to None (the call is then replayed by calling the loader).
+    """
+
+    def __init__(self, param: torch.Tensor | None = None, source: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.numel = 0
+        self.param, self.source = param, source
+        self.copies: list[tuple[Geometry, Geometry]] | None = [] if param is not None and source is not None else None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            self.numel += args[0].numel()
+            if self.copies is not None:
+                dst, src = geometry(args[0], self.param), geometry(args[1], self.source)
+                if dst is None or src is None:
+                    self.copies = None
+                else:
+                    self.copies.append((dst, src))
+        elif func._schema.is_mutable:
+            self.copies = None
+        return func(*args, **(kwargs or {}))
+
+
+class _OutsideLoaders(TorchDispatchMode):
+    """Notes any mutation vLLM's `load_weights` does outside a loader call (the group is then unplannable).
+
+    Loader calls run with this mode disabled (`layer._loading`), so whatever it sees is outside them.
+    """
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable:
+            self.recorder.spoil(f"{func} outside a weight loader")
+        return func(*args, **(kwargs or {}))
+
+
+class Recorder:
+    """Attributes one group's loader calls to its incoming tensors while vLLM loads it."""
+
+    def __init__(self, group: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self.group = group
+        self.calls: dict[str, list[PlannedCall]] = {name: [] for name, _ in group}
+        self.current: int = -1
+        self.spoiled: str | None = None
+
+    def spoil(self, why: str) -> None:
+        if self.spoiled is None:
+            self.spoiled = why
+
+    def feed(self):
+        """The group as vLLM's iterator, tracking which tensor vLLM is on."""
+        for i, item in enumerate(self.group):
+            self.current = i
+            yield item
+
+    def watching(self) -> _OutsideLoaders:
+        return _OutsideLoaders(self)
+
+    def source_of(self, loaded: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """The incoming (name, tensor) `loaded` is a view of: the current one first, then the rest."""
+        if 0 <= self.current < len(self.group):
+            name, t = self.group[self.current]
+            if geometry(loaded, t) is not None:
+                return name, t
+        for name, t in self.group:
+            if geometry(loaded, t) is not None:
+                return name, t
+        return None
+
+    def add(self, name: str, call: PlannedCall) -> None:
+        self.calls[name].append(call)
+
+
+@dataclasses.dataclass(slots=True)
+class SyncPlan:
+    """Recorded calls per checkpoint name, valid for one engine state (`fingerprint`)."""
+
+    fingerprint: tuple = ()
+    entries: dict[str, tuple[tuple, tuple[PlannedCall, ...] | None]] = dataclasses.field(default_factory=dict)
+    """name -> (incoming tensor's `meta_of`, its calls; None: unplannable, always through vLLM)."""
+
+    def lookup(self, group: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[PlannedCall, ...]] | None:
+        """Every tensor's calls when the whole group is planned with matching metadata, else None."""
+        out = []
+        for name, tensor in group:
+            entry = self.entries.get(name)
+            if entry is None or entry[1] is None or entry[0] != meta_of(tensor):
+                return None
+            out.append(entry[1])
+        return out
+
+    def store(self, recorder: Recorder) -> None:
+        for name, tensor in recorder.group:
+            calls = None if recorder.spoiled else tuple(recorder.calls[name])
+            self.entries[name] = (meta_of(tensor), calls)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.fingerprint = ()
