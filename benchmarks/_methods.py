@@ -11,6 +11,8 @@ tensors get the checkpoint's names and layout: where transformers keeps
 another layout in memory (MoE experts fused into 3-D tensors), rlsync's
 source converts them back once, before any timed sync:
 - `rlsync`: `VLLMEngine.sync` with rlsync's reload backend;
+- `rlsync-noplan`: the same with `sync_plan=False`: every sync through vLLM's
+  `load_weights` (name mapping, loader dispatch), as before sync plans;
 - `rlsync-vllm`: `VLLMEngine.sync` with vLLM's layerwise reload as backend;
 - `trl`: trl 1.16's colocated sync, mirrored exactly: one
   `model.load_weights([(name, param)])` per parameter, then
@@ -60,7 +62,7 @@ from typing import Any
 
 import torch
 
-METHODS = ("rlsync", "rlsync-vllm", "trl", "trl-layerwise", "native", "native-shuffled", "rebuild")
+METHODS = ("rlsync", "rlsync-noplan", "rlsync-vllm", "trl", "trl-layerwise", "native", "native-shuffled", "rebuild")
 RESULT_PREFIX = "BENCH-RESULT "
 
 
@@ -141,10 +143,10 @@ def checkpoint_names(model_path: str) -> set[str]:
     return names
 
 
-def build_engine(model_path: str, quant: str, backend: str):
+def build_engine(model_path: str, quant: str, backend: str, plan: bool = True):
     from rlsync.engine import VLLMEngine
 
-    return VLLMEngine(model_path, reload_backend=backend, **quant_kwargs(quant))
+    return VLLMEngine(model_path, reload_backend=backend, sync_plan=plan, **quant_kwargs(quant))
 
 
 # ------------------------------------------------------------------ methods
@@ -155,8 +157,8 @@ class Bench:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         self.model_path, self.quant, self.method = model_path, quant, method
-        self.backend = "rlsync" if method == "rlsync" else "vllm"
-        self.engine = build_engine(model_path, quant, self.backend)
+        self.backend = "rlsync" if method in ("rlsync", "rlsync-noplan") else "vllm"
+        self.engine = build_engine(model_path, quant, self.backend, plan=method != "rlsync-noplan")
         self.trainer = trainer_model(model_path)
         self.weights = named_weights(self.trainer, model_path)
         self.num_bytes = sum(t.nbytes for _, t in self.weights)
@@ -172,9 +174,9 @@ class Bench:
     def _rlsync(self) -> dict[str, Any]:
         report = self.engine.sync(self.trainer, self.step)
         self.peak_live_bytes = max(self.peak_live_bytes or 0, report.peak_load_bytes or 0)
-        return {"check_s": report.nonfinite_check_seconds, "num_tensors": report.num_tensors}
+        return {"check_s": report.nonfinite_check_seconds, "num_tensors": report.num_tensors, "planned": report.planned}
 
-    _rlsync_vllm = _rlsync
+    _rlsync_vllm = _rlsync_noplan = _rlsync
 
     def _trl(self) -> dict[str, Any]:
         from rlsync.adapters import vllm_engine
@@ -301,6 +303,8 @@ def run_child(model_path: str, quant: str, method: str, repeats: int, verify: bo
                   peak_rss_bytes=max(peaks), peak_rss_first_bytes=peaks[0], peak_rss_timed_bytes=max(peaks[1:]))
     if "num_tensors" in extras[-1]:  # what the sync itself received (rlsync's report)
         record["num_tensors"] = extras[-1]["num_tensors"]
+    if "planned" in extras[-1]:  # the timed syncs replayed a sync plan (rlsync with plans on)
+        record["planned"] = [e["planned"] for e in extras]
     if method == "rebuild":
         record["save_s_median"] = statistics.median(e["save_s"] for e in extras[1:])
     if "check_s" in extras[-1]:  # the share of rlsync's sync spent on the always-on NaN / Inf check

@@ -39,24 +39,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from rlsync.default_model import TinyModelSpec, family_spec
+from rlsync.default_model import BENCH_SHAPE, TinyModelSpec, family_spec
 
 EXPERT_WIDTH_TOTAL = 8192
 """num_experts x moe_intermediate_size of every model in the scaling series (fixed total expert bytes)."""
 
-MOE_SPEC = family_spec(
-    "qwen3_moe",
-    hidden_size=1024,
-    num_hidden_layers=16,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    vocab_size=32768,
-    tie_word_embeddings=False,
-    max_position_embeddings=2048,
-    num_experts=32,
-    num_experts_per_tok=4,
-    moe_intermediate_size=EXPERT_WIDTH_TOTAL // 32,
-)
+MOE_SPEC = family_spec("qwen3_moe", **BENCH_SHAPE, num_experts=32, num_experts_per_tok=4,
+                       moe_intermediate_size=EXPERT_WIDTH_TOTAL // 32)
 
 
 def with_experts(spec: TinyModelSpec, num_experts: int, total: int) -> TinyModelSpec:
@@ -80,8 +69,9 @@ MAIN_CELLS = (("bf16", "rlsync"), ("bf16", "native"), ("fp8_per_channel", "nativ
               *((f"rlsync_fp8/{s}", "rlsync") for s in FP8_SCHEMES))
 """(quant, method) of the main table: rlsync in bf16 and every FP8 scheme against vLLM's native bf16 reload
 (vLLM's own FP8 is attempted so the table shows why it is not the baseline)."""
-SCALING_CELLS = (("bf16", "rlsync"), ("bf16", "native"), ("rlsync_fp8/channel", "rlsync"))
-"""(quant, method) measured at every expert count."""
+SCALING_CELLS = (("bf16", "rlsync"), ("bf16", "rlsync-noplan"), ("bf16", "native"), ("rlsync_fp8/channel", "rlsync"),
+                 ("rlsync_fp8/channel", "rlsync-noplan"))
+"""(quant, method) measured at every expert count; `rlsync-noplan` is rlsync with `sync_plan=False`."""
 QUICK_MAIN_CELLS = (("bf16", "rlsync"), ("bf16", "native"), ("rlsync_fp8/channel", "rlsync"))
 QUICK_SCALING_CELLS = (("bf16", "rlsync"),)
 

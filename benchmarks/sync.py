@@ -259,8 +259,9 @@ def format_table(result: dict[str, Any]) -> str:
                 continue
             f = floor["bf16"] if r["quant"] == "bf16" else floor["fp8"]
             ratio = f"{r['median_s'] / base[r['quant']]:.2f}" if r["quant"] in base else "-"
+            method = r["method"] + (" (plan)" if r.get("planned") and all(r["planned"][1:]) else "")
             lines.append(
-                f"| {r['quant']} | {r['method']} | {r['median_s']:.4f} | {min(r['times_s']):.4f} | {r['first_s']:.4f} | {ratio} | "
+                f"| {r['quant']} | {method} | {r['median_s']:.4f} | {min(r['times_s']):.4f} | {r['first_s']:.4f} | {ratio} | "
                 f"{r['median_s'] / f:.1f} | {r['num_bytes'] / 1e9 / r['median_s']:.2f} | {_mib(r['peak_rss_bytes'])} | "
                 f"{_mib(r.get('peak_live_bytes'))} | {_check(r)} | {_short(r.get('verify', '-'))} |"
             )

@@ -201,17 +201,19 @@ def family_spec(name: str, **overrides: Any) -> TinyModelSpec:
     return TinyModelSpec(family=name, **overrides)
 
 
+BENCH_SHAPE: dict[str, Any] = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "vocab_size": 32768,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 2048,
+}
+"""The benchmarks' model shape (hidden 1024, 16 layers, 16/4 heads, untied 32k vocabulary), dense and MoE."""
+
 # A ~180M-parameter shape for benchmarks (hidden 1024, 16 layers, 16/4 heads).
-BENCH_SPEC = TinyModelSpec(
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=16,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    vocab_size=32768,
-    tie_word_embeddings=False,
-    max_position_embeddings=2048,
-)
+BENCH_SPEC = TinyModelSpec(intermediate_size=2816, **BENCH_SHAPE)
 
 
 def cache_dir() -> Path:

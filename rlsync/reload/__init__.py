@@ -54,6 +54,11 @@ The design:
    checking every name, shape and dtype.
 4. `ONLINE_RELOAD_QUANT_CONFIGS` (`support.py`): the configs reloaded this way;
    any other is a `ConfigError` that names `reload_backend='vllm'`.
+5. Sync plans (`plan.py`; `Reload(..., plan=True)`, the engine's default): the
+   first sync records, per incoming checkpoint name, the loader calls vLLM's
+   `load_weights` made for it; later syncs replay them (copies, or the loader
+   called directly) through the same layer sessions, skipping vLLM's name
+   mapping and loader dispatch. Invalidation and limits are in `plan.py`.
 
 Why copy into the original storage rather than swap in the new tensors:
 CUDA graphs (and anything else that captured a kernel tensor, e.g. a compiled

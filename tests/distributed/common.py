@@ -164,6 +164,17 @@ def zero_full_state(engine) -> dict:
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
+def zero3_gathered_peak(name: str, engine, source, available_before: set[str]) -> int:
+    """ZeRO-3 after a sync: no parameter left gathered that was not before; then DeepSpeed's own view of the
+    bytes gathered at each yield over one more pass, independent of the source's counter (the most at once)."""
+    gathered = [n for n, p in engine.module.named_parameters() if p.numel() != 0 and n not in available_before]
+    assert not gathered, f"{name}: parameters left gathered after the sync: {gathered[:5]}"
+    observed = 0
+    for _ in source.groups():
+        observed = max(observed, sum(p.ds_numel * p.dtype.itemsize for p in engine.module.parameters() if p.numel() != 0))
+    return observed
+
+
 def zero_local(p: torch.nn.Parameter) -> torch.Tensor:
     """This rank's own storage of `p` (ZeRO-3: its partition)."""
     return (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach()

@@ -22,7 +22,7 @@ import torch.distributed as dist  # noqa: E402
 from rlsync.source import ModuleSource, Zero3Source, source_for  # noqa: E402
 from tests.distributed.common import (  # noqa: E402
     check_source, ds_config, group_bytes, load_model, lora_bound, main_guard, reference_params, train_step,
-    write_result, zero_full_state, zero_local,
+    write_result, zero3_gathered_peak, zero_full_state, zero_local,
 )
 
 BUDGET = 600_000
@@ -57,13 +57,7 @@ def run_case(name, path, stage, *, lora=False, source_kwargs=None, expect_type=N
     changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if not torch.equal(a, b)]
     assert not changed, f"{name}: trainer weights changed: {[(before[i].shape, after[i].shape) for i in changed[:3]]}"
     if stage == 3:
-        gathered = [n for n, p in engine.module.named_parameters() if p.numel() != 0 and n not in available_before]
-        assert not gathered, f"{name}: parameters left gathered after the sync: {gathered[:5]}"
-        # DeepSpeed's own view, independent of the source's counter: parameters gathered at each yield
-        observed = 0
-        for _ in source.groups():
-            observed = max(observed, sum(p.ds_numel * p.dtype.itemsize for p in engine.module.parameters()
-                                         if p.numel() != 0))
+        observed = zero3_gathered_peak(name, engine, source, available_before)
         assert 0 < observed <= min(bound, budget or bound), f"{name}: DeepSpeed saw {observed} B gathered at once"
         result["deepspeed_observed_peak"] = observed
     if stage == 3 and not lora and budget is None:

@@ -27,7 +27,7 @@ import torch.distributed as dist  # noqa: E402
 from rlsync.source import ModuleSource, Zero3Source, source_for  # noqa: E402
 from tests.distributed.common import (  # noqa: E402
     check_source, checkpoint_of, ds_config, group_bytes, load_model, main_guard, moe_copy_bytes, train_step,
-    write_result, zero_full_state, zero_local,
+    write_result, zero3_gathered_peak, zero_full_state, zero_local,
 )
 
 OUT = os.environ["RLSYNC_TEST_OUT"]
@@ -57,13 +57,7 @@ def run_case(name: str, path: str, stage: int, initial: dict) -> dict:
     num_layers = len(template.model.layers)
     assert result["groups"] == num_layers + 2, f"{name}: {result['groups']} groups for {num_layers} layers"
     if stage == 3:
-        gathered = [n for n, p in engine.module.named_parameters() if p.numel() != 0 and n not in available_before]
-        assert not gathered, f"{name}: parameters left gathered after the sync: {gathered[:5]}"
-        # DeepSpeed's own view, independent of the source's counter: parameters gathered at each yield
-        observed = 0
-        for _ in source.groups():
-            observed = max(observed, sum(p.ds_numel * p.dtype.itemsize for p in engine.module.parameters()
-                                         if p.numel() != 0))
+        observed = zero3_gathered_peak(name, engine, source, available_before)
         assert observed == max(layers.values()), f"{name}: DeepSpeed saw {observed} B gathered at once"
         result["deepspeed_observed_peak"] = observed
     result["loss"] = loss
