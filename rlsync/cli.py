@@ -1,8 +1,12 @@
-"""`rlsync` command line: run a recipe from a YAML config, plot a run.
+"""`rlsync` command line: run a recipe from a YAML config, plot a run, list and copy the shipped configs.
 
     rlsync run CONFIG [key=value ...]
     rlsync run CONFIG resume=true          # continue a run from its newest complete checkpoint
+    rlsync run grpo/tiny_cpu_fp8           # a shipped config by name (a file that exists wins)
     rlsync plot RUN_DIR [--out PNG]
+    rlsync ls                              # the shipped configs and the recipes
+    rlsync cp NAME DEST [--force]          # copy a shipped config to edit
+    rlsync --version
 
 The config's `recipe:` key names the recipe; the recipe module's config
 dataclass validates every key and type before any work starts. Exit status: 0
@@ -15,25 +19,31 @@ runs go through `torchrun` / `deepspeed` launching `rlsync run` (or
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.metadata
+import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
 from rlsync.config import load_config
 from rlsync.config.loader import read_yaml
+from rlsync.config.shipped import configs_dir, describe, resolve_config, shipped_config, shipped_configs
 from rlsync.errors import CheckpointError, ConfigError, DivergenceError
 
-# recipe name -> module with `CONFIG` (config dataclass) and `main(config)`
+# recipe name -> module with `CONFIG` (config dataclass) and `main(config)`. The repository's
+# `recipes/` directory is installed as `rlsync.recipes` (pyproject.toml: package-dir).
 RECIPES = {
-    "grpo": ("recipes.grpo", "GRPOConfig"),
-    "ppo": ("recipes.ppo", "PPOConfig"),
-    "trl_grpo": ("recipes.trl_grpo", "TrlGRPOConfig"),
+    "grpo": ("rlsync.recipes.grpo", "GRPOConfig"),
+    "ppo": ("rlsync.recipes.ppo", "PPOConfig"),
+    "trl_grpo": ("rlsync.recipes.trl_grpo", "TrlGRPOConfig"),
 }
 
 
 def load_recipe_config(path: str | Path, overrides: list[str] | None = None):
-    """(recipe module, validated config) for a YAML config file."""
-    path = Path(path)
+    """(recipe module, validated config) for a YAML config file or a shipped config's name."""
+    path = resolve_config(path)
     raw = read_yaml(path) or {}
     recipe = next((v.partition("=")[2] for v in overrides or [] if v.startswith("recipe=")), None)
     recipe = recipe or (raw.get("recipe") if isinstance(raw, dict) else None)
@@ -44,16 +54,82 @@ def load_recipe_config(path: str | Path, overrides: list[str] | None = None):
     return module, load_config(getattr(module, class_name), path, overrides)
 
 
+def version() -> str:
+    """The installed distribution's version (`rlsync --version`)."""
+    try:
+        return importlib.metadata.version("rlsync")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (rlsync is not installed; run scripts/setup.sh)"
+
+
+def recipe_summary(module_name: str) -> str:
+    """The first line of a recipe module's docstring, read without importing the recipe (torch, vLLM)."""
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"recipe module {module_name} is not installed; reinstall rlsync")
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def list_shipped() -> str:
+    """What `rlsync ls` prints: every shipped config (name, recipe, first header line), then every recipe."""
+    configs = shipped_configs()
+    width = max(map(len, configs), default=0)
+    lines = [f"configs ({configs_dir()}); run one with `rlsync run NAME`, copy it with `rlsync cp NAME DEST`:"]
+    for name, path in configs.items():
+        recipe, summary = describe(path)
+        lines.append(f"  {name:<{width}}  {recipe:<8}  {summary}")
+    lines.append("recipes (a config's `recipe:` key):")
+    for name, (module_name, _) in sorted(RECIPES.items()):
+        lines.append(f"  {name:<8}  {module_name:<24}  {recipe_summary(module_name)}")
+    return "\n".join(lines)
+
+
+def copy_shipped(name: str, dest: str | Path, *, force: bool = False) -> Path:
+    """Copy shipped config `name` to `dest` (a file, or a directory to copy into); an existing file only if `force`."""
+    source = shipped_config(name)
+    into_dir = str(dest).endswith(("/", "\\"))
+    dest = Path(dest)
+    if into_dir and not dest.is_dir():
+        raise ConfigError(f"directory {dest} does not exist")
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists() and not force:
+        raise ConfigError(f"{dest} exists; pass --force to overwrite it")
+    if not dest.parent.is_dir():
+        raise ConfigError(f"directory {dest.parent} does not exist")
+    shutil.copyfile(source, dest)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlsync", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"rlsync {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe from a YAML config")
-    run.add_argument("config", help="YAML config, e.g. configs/grpo/tiny_cpu_fp8.yaml")
+    run.add_argument("config", help="YAML config file, or a shipped config's name, e.g. grpo/tiny_cpu_fp8")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.steps=5 resume=true")
     plot = sub.add_parser("plot", help="plot a run's reward, KL / mismatch and sync time to a PNG")
     plot.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
     plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    sub.add_parser("ls", help="list the shipped configs and the recipes")
+    cp = sub.add_parser("cp", help="copy a shipped config to DEST, to edit and run it")
+    cp.add_argument("name", help="shipped config name, e.g. grpo/tiny_cpu_fp8 (`rlsync ls` lists them)")
+    cp.add_argument("dest", help="the file to write, or a directory to copy into")
+    cp.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
     args = parser.parse_args(argv)
+
+    if args.command in ("ls", "cp"):
+        try:
+            if args.command == "ls":
+                print(list_shipped())
+                return 0
+            out = copy_shipped(args.name, args.dest, force=args.force)
+        except (ConfigError, OSError) as exc:
+            print(f"rlsync: {args.command}: {exc}", file=sys.stderr)
+            return 2
+        print(f"rlsync: wrote {out}")
+        return 0
 
     if args.command == "plot":
         from rlsync.rl.plot import plot_run

@@ -1,6 +1,7 @@
 """Typed configs from YAML: dataclass trees, strict keys, `key=value` overrides.
 
-Owns: the loader and the allowlist of names a config may give. May import:
+Owns: the loader, the allowlist of names a config may give, and the shipped
+configs by name (`shipped`: `rlsync ls`, `rlsync run NAME`). May import:
 `rlsync.errors` only; each component's config dataclass lives with its component.
 """
 

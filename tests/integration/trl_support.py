@@ -27,7 +27,7 @@ def tiny_trainer(kind, tiny_path, tmp_path, callback, *, max_steps=2, learning_r
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recipes.trl_grpo import vowel_reward
+    from rlsync.recipes.trl_grpo import vowel_reward
 
     datasets = pytest.importorskip("datasets")
     trainer_cls, config_cls = {"grpo": (trl.GRPOTrainer, trl.GRPOConfig), "rloo": (trl.RLOOTrainer, trl.RLOOConfig)}[kind]
