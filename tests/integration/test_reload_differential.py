@@ -47,6 +47,8 @@ def test_backends_leave_identical_kernel_tensors(engines, trainer_model, order):
         report = ours.sync(source(), step=i + 1)
         theirs.sync(source(), step=i + 1)
         assert report.backend == "rlsync"
+        if i > 0:  # syncs 2 and 3 replay the plan (the first may too: the engines are shared by both orders)
+            assert report.planned is True, report.plan_note
         # and against the reference quantization (verify needs whole layers per group, so regroup by layer)
         compared, written = verify_groups(ours.model, ours.packed, ModuleSource(trainer_model).groups(), set(ours.checkpoint_shapes))
         assert compared == written > 0
