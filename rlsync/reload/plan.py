@@ -62,6 +62,8 @@ PARAM, LOADED = object(), object()
 
 def span(t: torch.Tensor) -> tuple[int, int]:
     """First and one-past-last storage element `t` touches."""
+    if t.is_contiguous():
+        return t.storage_offset(), t.storage_offset() + t.numel()
     lo = hi = t.storage_offset()
     for size, stride in zip(t.shape, t.stride(), strict=True):
         if size == 0:
