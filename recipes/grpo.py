@@ -11,7 +11,9 @@ takes the clipped policy step (with the truncated importance weight for the
 FP8-engine / trainer mismatch and, if `kl_coef` > 0, a KL penalty to the frozen
 initial policy), and syncs the new weights into the engine, which
 re-quantizes them. Metrics go to `<run dir>/metrics.jsonl`, checkpoints to
-`<run dir>/checkpoints/` every `run.checkpoint_every` steps.
+`<run dir>/checkpoints/` every `run.checkpoint_every` steps, vLLM's log to
+`<run dir>/run.log`; the run ends with a summary (`rlsync.rl.console`). A
+resume of a run that is already complete says so and builds nothing.
 
 Under a launcher (`trainer.backend` ddp / fsdp1 / fsdp2 / zero2 / zero3) every
 rank joins the trainer's process group first, then builds its own colocated
@@ -34,7 +36,8 @@ from rlsync.errors import ConfigError
 from rlsync.rl.checks import check_run
 from rlsync.rl.grpo import GRPOHParams, group_advantages, grpo_update
 from rlsync.rl.optim import build_optimizer
-from rlsync.rl.resume import Checkpointer, is_rank0
+from rlsync.rl.console import run_console
+from rlsync.rl.resume import Checkpointer, is_complete, is_rank0
 from rlsync.rl.rollout import SyncConfig, collect, source_config, sync_source
 from rlsync.rl.run import RunConfig, RunDir, trainer_group
 from rlsync.rl.state import TrainState, trainer_rank
@@ -78,7 +81,8 @@ def main(cfg: GRPOConfig) -> RunDir:
     require_model_path(cfg.model)
     cfg.validate()  # again, now with the model's config.json on disk
     # the trainer's group first: vLLM sets up its own world of one in this process when the engine is built
-    with trainer_group(cfg.trainer), RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0()) as run:
+    with (trainer_group(cfg.trainer), RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0()) as run,
+          run_console(run, cfg.run)):  # vLLM's log to <run dir>/run.log, a summary at the end
         train(cfg, run)  # the run is closed (TensorBoard flushed) also when training raises
     return run
 
@@ -86,6 +90,8 @@ def main(cfg: GRPOConfig) -> RunDir:
 def train(cfg: GRPOConfig, run: RunDir) -> None:
     """Build the trainer, the task and the engine, then run (or resume) the GRPO loop into `run`."""
     hp = cfg.grpo
+    if cfg.resume and is_complete(run, hp.steps, key="grpo.steps"):
+        return  # it says so; nothing is built
     torch.manual_seed(cfg.run.seed)
     policy, model_path, tokenizer = load_trainer_model(cfg.model)
     device = trainer_device(cfg.model)

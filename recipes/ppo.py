@@ -34,7 +34,8 @@ from rlsync.errors import ConfigError
 from rlsync.rl.checks import check_run
 from rlsync.rl.optim import build_optimizer
 from rlsync.rl.ppo import PPOHParams, ValueHead, ppo_update
-from rlsync.rl.resume import Checkpointer, is_rank0
+from rlsync.rl.console import run_console
+from rlsync.rl.resume import Checkpointer, is_complete, is_rank0
 from rlsync.rl.rollout import SyncConfig, collect, source_config, sync_source
 from rlsync.rl.run import RunConfig, RunDir, trainer_group
 from rlsync.rl.state import TrainState, trainer_rank
@@ -78,7 +79,8 @@ def main(cfg: PPOConfig) -> RunDir:
     require_model_path(cfg.model)
     cfg.validate()  # again, now with the model's config.json on disk
     # the trainer's group first: vLLM sets up its own world of one in this process when the engine is built
-    with trainer_group(cfg.trainer), RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0()) as run:
+    with (trainer_group(cfg.trainer), RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0()) as run,
+          run_console(run, cfg.run)):  # vLLM's log to <run dir>/run.log, a summary at the end
         train(cfg, run)  # the run is closed (TensorBoard flushed) also when training raises
     return run
 
@@ -86,6 +88,8 @@ def main(cfg: PPOConfig) -> RunDir:
 def train(cfg: PPOConfig, run: RunDir) -> None:
     """Build the trainer, the task and the engine, then run (or resume) the PPO loop into `run`."""
     hp = cfg.ppo
+    if cfg.resume and is_complete(run, hp.steps, key="ppo.steps"):
+        return  # it says so; nothing is built
     torch.manual_seed(cfg.run.seed)
     policy, model_path, tokenizer = load_trainer_model(cfg.model)
     device = trainer_device(cfg.model)

@@ -2,6 +2,7 @@
 
     rlsync run CONFIG [key=value ...]
     rlsync run CONFIG resume=true          # continue a run from its newest complete checkpoint
+    rlsync run -v CONFIG                   # vLLM's log on the terminal too (it is always in RUN_DIR/run.log)
     rlsync run grpo/tiny_cpu_fp8           # a shipped config by name (a file that exists wins)
     rlsync plot RUN_DIR [--out PNG]
     rlsync ls                              # the shipped configs and the recipes
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a recipe from a YAML config")
     run.add_argument("config", help="YAML config file, or a shipped config's name, e.g. grpo/tiny_cpu_fp8")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.steps=5 resume=true")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also print vLLM's log (always in RUN_DIR/run.log); same as run.verbose=true")
     plot = sub.add_parser("plot", help="plot a run's reward, KL / mismatch and sync time to a PNG")
     plot.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
     plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        module, config = load_recipe_config(args.config, args.overrides)
+        overrides = args.overrides + (["run.verbose=true"] if args.verbose else [])
+        module, config = load_recipe_config(args.config, overrides)
     except ConfigError as exc:
         print(f"rlsync: config error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from rlsync.adapters.vllm_logs import llm_logging_kwargs
 from rlsync.errors import ConfigError
 
 SUPPORTED_VLLM = ("0.32",)
@@ -55,11 +56,12 @@ def import_vllm():
 
 def build_llm(model_path: str, **llm_kwargs: Any):
     """`vllm.LLM(model_path, **llm_kwargs)` in this process, leaving transformers' classes untouched
-    (`transformers_classes_untouched`), so a colocated trainer of the same architecture keeps working."""
+    (`transformers_classes_untouched`), so a colocated trainer of the same architecture keeps working.
+    Inside `vllm_logs.vllm_logs_to`, vLLM keeps the log handlers set there."""
     vllm = import_vllm()
     _expert_group_for_a_later_engine()
     with transformers_classes_untouched():
-        return vllm.LLM(model_path, **llm_kwargs)
+        return vllm.LLM(model_path, **{**llm_logging_kwargs(), **llm_kwargs})
 
 
 def _expert_group_for_a_later_engine() -> None:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from rlsync.adapters import vllm_engine, vllm_layers, vllm_load
+from rlsync.adapters import vllm_engine, vllm_layers, vllm_load, vllm_logs
 from rlsync.engine.checkpoint import checkpoint_shapes
 from rlsync.engine.config import EngineConfig
 from rlsync.engine.report import SyncReport
@@ -123,7 +123,8 @@ class VLLMEngine:
         llm_kwargs = cfg.vllm_kwargs()
         # Capture the load format as vLLM builds the model, whichever backend runs
         # now: the rlsync backend needs it and a caller may switch backends later.
-        with vllm_load.capture_at_load(capture):
+        # (inside a recipe run, what the build writes to stderr outside logging goes to the run's log)
+        with vllm_logs.native_output_to_log(), vllm_load.capture_at_load(capture):
             self.llm = vllm_engine.build_llm(cfg.model, **llm_kwargs)
         self.model = vllm_engine.driver_model(self.llm)
         get_capture(self.model)  # fails loudly if vLLM stopped calling the capture hook

@@ -172,11 +172,8 @@ def load_latest(run_path: str | Path) -> tuple[Path, dict[str, Any]] | None:
     or a checkpoint path points outside the run directory.
     """
     root = _checkpoint_root(run_path)
-    dirs = step_dirs(root)  # refuses one that resolves outside the run directory
-    candidates = [path for path in [_pointer_target(root)] if path is not None and path.is_dir()]
-    candidates += [path for path in reversed(dirs) if path not in candidates]
     problems = []
-    for path in candidates:
+    for path in _resume_candidates(root):
         try:
             return path, load_checkpoint(path)
         except CheckpointError as exc:
@@ -185,6 +182,21 @@ def load_latest(run_path: str | Path) -> tuple[Path, dict[str, Any]] | None:
     if problems:
         raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(problems))
     return None
+
+
+def find_intact(run_path: str | Path) -> Path | None:
+    """The checkpoint `load_latest` would load, found without loading it (every file's sha256 checked); None if
+    the run has no intact checkpoint. The two differ only for a checkpoint whose files match their manifest but
+    whose `state.pt` is not loadable as tensors and plain data: this returns it, `load_latest` skips it."""
+    root = _checkpoint_root(run_path)
+    return next((path for path in _resume_candidates(root) if damage(path, verify_hashes=True) is None), None)
+
+
+def _resume_candidates(root: Path) -> list[Path]:
+    """Checkpoint directories in the order a resume tries them: the one `latest` names, then newest first."""
+    dirs = step_dirs(root)  # refuses one that resolves outside the run directory
+    candidates = [path for path in [_pointer_target(root)] if path is not None and path.is_dir()]
+    return candidates + [path for path in reversed(dirs) if path not in candidates]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

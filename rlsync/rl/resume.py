@@ -1,5 +1,7 @@
 """Resume and periodic checkpoints for a recipe's loop, in two calls.
 
+    if cfg.resume and is_complete(run, steps, key="grpo.steps"):
+        return                                  # says so; no engine is built
     ckpt = Checkpointer(run, cfg.run, state)
     start = ckpt.resume(engine, source) if cfg.resume else ckpt.start()
     for step in range(start + 1, steps + 1):
@@ -13,7 +15,9 @@ the base model. `resume` does that sync (tagged with the checkpoint's step).
 
 On resume, metric lines after the checkpoint's step are dropped (they are
 recomputed), TensorBoard events from that step on are purged, and stale
-`.tmp-*` directories of interrupted writes are removed. The checkpoint is the
+`.tmp-*` directories of interrupted writes are removed. Both the resume and the
+check for a finished run say on the `rlsync` logger which checkpoint and step
+they found, so a resume is never silent. The checkpoint is the
 newest *intact* one (`checkpoint.load_latest`: every file's sha256 checked,
 weights-only load, damaged ones skipped with a warning); a `latest` pointer or
 checkpoint path outside the run directory stops the resume (`CheckpointError`).
@@ -23,12 +27,15 @@ Limitations:
    since it is collective when distributed).
 2. A resume with no checkpoint yet starts from step 0 with a warning, so a
    preemptible job can always pass `resume=true`.
+3. `is_complete` trusts a checkpoint whose files match their manifest; one that
+   matches but does not load (a crafted `state.pt`) would be taken as the end of
+   the run, where a resume would skip it (`checkpoint.find_intact`).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
-import warnings
 
 import torch.distributed as dist
 
@@ -37,9 +44,25 @@ from rlsync.rl.state import is_distributed
 from rlsync.rl.run import RunConfig, RunDir
 from rlsync.rl.state import TrainState
 
+log = logging.getLogger(__name__)
+
 
 def is_rank0() -> bool:
     return not is_distributed() or dist.get_rank() == 0
+
+
+def is_complete(run: RunDir, steps: int, *, key: str) -> bool:
+    """True, and says so, if the run's newest intact checkpoint is at step `steps` (config key `key`) or later.
+
+    Reads only the checkpoint's manifest and hashes, so a finished run exits before a model or engine is built.
+    """
+    path = checkpoint.find_intact(run.path)
+    if path is None or checkpoint.checkpoint_step(path) < steps:
+        return False
+    step = checkpoint.checkpoint_step(path)
+    log.info(f"resume: {run.path} is already complete: its checkpoint {path} is at step {step} and {key} is "
+             f"{steps}; nothing to run (raise {key} to continue the run)")
+    return True
 
 
 class Checkpointer:
@@ -67,10 +90,11 @@ class Checkpointer:
             dist.barrier()
         latest = checkpoint.load_latest(self.run.path)
         if latest is None:
-            warnings.warn(f"resume=true but {root} holds no complete checkpoint; starting from step 0", stacklevel=2)
+            log.warning(f"resume=true but {root} holds no complete checkpoint; starting from step 0")
             self.run.truncate_after(0)
             return self.start()
         step = self.state.load_state_dict(latest[1])
+        log.info(f"resume: continuing {self.run.path} from checkpoint {latest[0]} (step {step})")
         self.run.truncate_after(step)
         if self.config.tensorboard:
             self.run.open_tensorboard(purge_step=step + 1)

@@ -85,13 +85,16 @@ class ProgressSource(WeightSource):
         return self.inner.metadata()
 
     def groups(self) -> Iterator[Group]:
-        bar = tqdm(desc=self.desc, unit="group", total=self._num_groups, leave=False, disable=not self.enabled)
+        # mininterval=0: a sync of a small model takes milliseconds, well under tqdm's default 0.1 s between
+        # redraws, so the bar would show 0/N until it is cleared; each group is drawn instead (a few per sync)
+        bar = tqdm(desc=self.desc, unit="group", total=self._num_groups, leave=False, disable=not self.enabled,
+                   mininterval=0)
         count = 0
         with bar:
             for group in self.inner.groups():
-                count += 1
-                bar.update(1)
                 yield group
+                count += 1  # the engine has loaded the group
+                bar.update(1)
         self._num_groups = count  # known after the first sync; later bars show a total
 
 

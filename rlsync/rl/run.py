@@ -54,7 +54,7 @@ from rlsync.trainer import TrainerConfig, setup_distributed, teardown_distribute
 # logs, never what it computes. Keys ending in ".steps" match any recipe section.
 RESUMABLE_CHANGES = (
     "resume", ".steps", "run.checkpoint_every", "run.keep_checkpoints", "run.tensorboard", "run.progress",
-    "run.overwrite", "sync.verify_every",
+    "run.verbose", "run.overwrite", "sync.verify_every",
 )
 
 
@@ -78,6 +78,8 @@ class RunConfig:
     """Also write metrics as TensorBoard scalars under `<run dir>/tensorboard`."""
     progress: bool = True
     """Progress bars for training steps and syncs."""
+    verbose: bool = False
+    """Also print vLLM's log on the terminal (`rlsync run -v`); it always goes to `<run dir>/run.log`."""
 
     def validate(self) -> None:
         if self.checkpoint_every < 0:

@@ -1,6 +1,11 @@
 """The shipped GRPO configs (dense Qwen2, and Qwen3-MoE with FP8 experts) learn their task with FP8 rollouts, on
-CPU, in seconds; a diverging run stops."""
+CPU, in seconds; the default config run through the `rlsync` command prints no warning and ends with a summary
+of what it logged; a diverging run stops."""
 
+import re
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,15 +22,21 @@ ROOT = Path(__file__).resolve().parents[2]
 MARGIN = 0.3
 
 
+def overrides(tmp_path, *, steps: int, verify_every: int) -> list[str]:
+    return [f"grpo.steps={steps}", f"run.output_dir={tmp_path}", "run.name=t", f"sync.verify_every={verify_every}"]
+
+
 def run_and_check(config: str, tmp_path, *, steps: int, window: int, verify_every: int) -> list[dict]:
-    """Run `config` for `steps` steps; the mean reward of the last `window` steps beats the first `window`'s by
-    MARGIN, every metric is finite, and every verified sync proved every tensor it wrote."""
-    module, cfg = load_recipe_config(
-        ROOT / config,
-        [f"grpo.steps={steps}", f"run.output_dir={tmp_path}", "run.name=t", f"sync.verify_every={verify_every}"],
-    )
+    """Run `config` for `steps` steps in this process, then `check_run`."""
+    module, cfg = load_recipe_config(ROOT / config, overrides(tmp_path, steps=steps, verify_every=verify_every))
     run = module.main(cfg)
-    records = read_metrics(run.path)
+    return check_run(run.path, steps=steps, window=window, verify_every=verify_every)
+
+
+def check_run(run_path: Path, *, steps: int, window: int, verify_every: int) -> list[dict]:
+    """The mean reward of the last `window` steps beats the first `window`'s by MARGIN, every metric is finite,
+    and every verified sync proved every tensor it wrote."""
+    records = read_metrics(run_path)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     first = sum(r["reward"] for r in records[:window]) / window
     last = sum(r["reward"] for r in records[-window:]) / window
@@ -36,13 +47,50 @@ def run_and_check(config: str, tmp_path, *, steps: int, window: int, verify_ever
     verified = [r for r in records if "sync/verified" in r]
     assert [r["sync/verified"] for r in verified] == [1.0] * (steps // verify_every)
     assert all(r["sync/verified_tensors"] == r["sync/written_tensors"] > 0 for r in verified)
-    assert (run.path / "config.yaml").exists()
+    assert (run_path / "config.yaml").exists()
     return records
 
 
+def rlsync_command() -> list[str]:
+    """The `rlsync` entry point installed next to this interpreter, as the README runs it."""
+    script = Path(sys.executable).parent / "rlsync"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "rlsync.cli"]
+
+
 @pytest.mark.slow
-def test_grpo_reward_rises(tmp_path):
-    run_and_check("configs/grpo/tiny_cpu_fp8.yaml", tmp_path, steps=16, window=4, verify_every=4)
+def test_grpo_reward_rises_on_a_quiet_terminal_that_ends_with_a_summary(tmp_path):
+    # the README's command in a fresh process (only shorter, and verifying more often), its terminal captured
+    steps, verify_every = 16, 4
+    done = subprocess.run(
+        [*rlsync_command(), "run", "configs/grpo/tiny_cpu_fp8.yaml",
+         *overrides(tmp_path, steps=steps, verify_every=verify_every)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    terminal = done.stdout + done.stderr
+    assert done.returncode == 0, terminal[-4000:]
+    run = tmp_path / "t"
+    records = check_run(run, steps=steps, window=4, verify_every=verify_every)
+
+    lines = [line.strip() for line in re.split(r"[\r\n]", terminal) if line.strip()]
+    assert not [line for line in lines if "warning" in line.lower()], terminal[-4000:]
+    log = (run / "run.log").read_text()
+    assert "Successfully reset prefix cache" in log and "Successfully reset prefix cache" not in terminal
+    assert not [line for line in lines if line.startswith(("INFO", "(MainProcess", "vllm"))], terminal[-4000:]
+
+    # the summary: every figure as metrics.jsonl has it
+    summary = terminal[terminal.index(f"rlsync: run summary: {run}"):]
+    rows = dict(re.findall(r"^  (\S+(?: time)?) +(.+)$", summary, re.M))
+    assert rows["steps"] == f"{steps} (steps 1-{steps})"
+    assert rows["reward"] == f"{records[0]['reward']:.3f} (step 1) -> {records[-1]['reward']:.3f} (step {steps})"
+    syncs = [r["sync/seconds"] for r in records]
+    assert rows["sync"].startswith(f"median {statistics.median(syncs):.4f} s, max {max(syncs):.4f} s")
+    assert rows["verified"].startswith(f"{steps // verify_every}/{steps // verify_every} syncs verified")
+    assert rows["mismatch"].startswith(f"logprob_mismatch {records[0]['logprob_mismatch']:.4f} (step 1) -> ")
+    assert rows["wall time"].endswith(" s") and "this command" in rows["wall time"]
+    assert rows["metrics"] == str(run / "metrics.jsonl")
+    assert rows["plot"] == f"not drawn yet: rlsync plot {run}"
+    assert rows["checkpoints"].startswith(str(run / "checkpoints" / f"step_{steps:06d}"))
+    assert rows["log"] == str(run / "run.log")
 
 
 @pytest.mark.slow

@@ -8,12 +8,13 @@ restored policy is synced into the fresh engine before the first rollout, and
 CPU kernels are deterministic for identical inputs and batch shapes.
 """
 
+import importlib
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlsync.cli import load_recipe_config
+from rlsync.cli import RECIPES, load_recipe_config
 from rlsync.rl import checkpoint
 from rlsync.rl.run import RunDir, read_metrics
 
@@ -42,7 +43,7 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k not in WALL_TIME} for r in records]
 
 
-def test_grpo_resume_after_a_checkpoint_write_killed_midway(tmp_path, monkeypatch):
+def test_grpo_resume_after_a_checkpoint_write_killed_midway(tmp_path, monkeypatch, capsys):
     full = read_metrics(run("grpo", tmp_path, "full"))
     assert [r["step"] for r in full] == [1, 2, 3, 4]
 
@@ -65,11 +66,25 @@ def test_grpo_resume_after_a_checkpoint_write_killed_midway(tmp_path, monkeypatc
     assert any(p.name.startswith(".tmp-step_000004") for p in checkpoint.checkpoint_dir(killed).iterdir())
     assert checkpoint.find_latest(killed).name == "step_000002"
 
+    capsys.readouterr()
     resumed = read_metrics(run("grpo", tmp_path, "killed", "resume=true"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # 3 and 4 recomputed from the step-2 checkpoint
     assert comparable(resumed) == comparable(full)
     assert not any(p.name.startswith(".tmp-") for p in checkpoint.checkpoint_dir(killed).iterdir())
     assert checkpoint.find_latest(killed, verify_hashes=True).name == "step_000004"  # the final step is saved
+    ckpts = checkpoint.checkpoint_dir(killed)
+    assert f"rlsync: resume: continuing {killed} from checkpoint {ckpts / 'step_000002'} (step 2)" in \
+        capsys.readouterr().err
+
+    # resumed again, the run is complete: it says so, builds no engine, and changes nothing
+    def no_engine(*args, **kwargs):
+        raise AssertionError("a complete run built an engine")
+
+    monkeypatch.setattr(importlib.import_module(RECIPES["grpo"][0]), "VLLMEngine", no_engine)
+    assert read_metrics(run("grpo", tmp_path, "killed", "resume=true")) == resumed
+    err = capsys.readouterr().err
+    assert f"rlsync: resume: {killed} is already complete: its checkpoint {ckpts / 'step_000004'} is at step 4" in err
+    assert f"rlsync: run summary: {killed}" in err
 
 
 def test_ppo_resume_restores_value_head_and_both_optimizers(tmp_path, monkeypatch):
