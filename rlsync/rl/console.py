@@ -50,7 +50,7 @@ from rlsync.rl.summary import LOG_FILE, RunSummary, format_summary
 LOGGER = "rlsync"
 """The package logger; `logging.getLogger(__name__)` in any rlsync module is a child of it."""
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(filename)s:%(lineno)d] %(message)s"
-VLLM_TERMINAL_FORMAT = "vllm %(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s"
+VLLM_TERMINAL_FORMAT = "vllm (pid %(process)d) %(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s"
 DATE_FORMAT = "%m-%d %H:%M:%S"
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = ["sync.verify_every=1", "run.progress=false", "run.checkpoint_every=0"]
-ENGINE_PIDS = re.compile(r"\(MainProcess pid=(\d+)\) INFO .*init engine")
+ENGINE_PIDS = re.compile(r"vllm \(pid (\d+)\) INFO .*init engine")
+"""An engine's start in vLLM's log as a verbose run prints it (`rlsync.rl.console.VLLM_TERMINAL_FORMAT`)."""
 
 
 def run_recipe(launcher: str, config: str, overrides: list[str], out: Path, timeout_s: float) -> tuple[str, float]:
@@ -45,7 +46,10 @@ def run_recipe(launcher: str, config: str, overrides: list[str], out: Path, time
     else:
         cmd = [str(launch.BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--no_python",
                "--no_local_rank", rlsync]
-    args = ["run", str(ROOT / config), f"run.output_dir={out}", "run.name=run", *SETTINGS, *overrides]
+    # run.verbose: vLLM's log on the terminal (a run sends it to RUN_DIR/run.log otherwise), where `check_run`
+    # counts each rank's engine
+    args = ["run", str(ROOT / config), f"run.output_dir={out}", "run.name=run", "run.verbose=true", *SETTINGS,
+            *overrides]
     start = time.monotonic()
     proc = launch._run([*cmd, *args], out, timeout_s)
     return proc.stdout + proc.stderr, time.monotonic() - start
