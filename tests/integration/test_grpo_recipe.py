@@ -2,6 +2,7 @@
 CPU, in seconds; the default config run through the `rlsync` command prints no warning and ends with a summary
 of what it logged; a diverging run stops."""
 
+import os
 import re
 import statistics
 import subprocess
@@ -61,10 +62,14 @@ def rlsync_command() -> list[str]:
 def test_grpo_reward_rises_on_a_quiet_terminal_that_ends_with_a_summary(tmp_path):
     # the README's command in a fresh process (only shorter, and verifying more often), its terminal captured
     steps, verify_every = 16, 4
+    # The environment of a user's shell, not of this test process after earlier tests: vLLM's CPU worker sets
+    # VLLM_DIST_IDENT in a process that built an engine (a child inheriting it gets "Unknown vLLM environment
+    # variable detected"), and importing trl sets VLLM_LOGGING_LEVEL=ERROR.
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_DIST_IDENT", "VLLM_LOGGING_LEVEL")}
     done = subprocess.run(
         [*rlsync_command(), "run", "configs/grpo/tiny_cpu_fp8.yaml",
          *overrides(tmp_path, steps=steps, verify_every=verify_every)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
     )
     terminal = done.stdout + done.stderr
     assert done.returncode == 0, terminal[-4000:]

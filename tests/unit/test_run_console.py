@@ -162,7 +162,11 @@ EXPECTED = "CPU backend doesn't allow to use `torch.set_num_threads` after the t
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_vllm_records_go_to_the_run_log_and_only_unexpected_warnings_to_the_terminal(tmp_path, capfd, verbose):
+def test_vllm_records_go_to_the_run_log_and_only_unexpected_warnings_to_the_terminal(tmp_path, capfd, verbose,
+                                                                                    monkeypatch):
+    # the default level: trl's colocated engine sets VLLM_LOGGING_LEVEL=ERROR in the process environment, so an
+    # earlier trl test in the same pytest process would otherwise make the run log errors only
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     vllm = logging.getLogger("vllm.v1.worker.cpu_worker")
     before = logging.getLogger("vllm").handlers[:]
     run = make_run(tmp_path, verbose=verbose)
