@@ -59,7 +59,8 @@ class Reload(ReloadBackend):
         """Recorded loader calls replayed on later syncs (`rlsync.reload.plan`); None: every group through vLLM."""
         self.plan_note = ""
         """Why the last sync (partly) recorded instead of replaying, for the report and the log."""
-        self._planned = False
+        self.planned: bool | None = None
+        """Whether every group of the current / last sync was replayed from the plan (None: plans off)."""
         self.slot = Slot()
         self.by_name: dict[str, SwappedLayer | ArrivalLayer] = {}
         self.model = model
@@ -138,7 +139,7 @@ class Reload(ReloadBackend):
 
     def _check_plan(self, plan: list[tuple[str, Any, str]], modules: dict[str, nn.Module]) -> None:
         """Drop the plan unless every taking-part layer still has the kernel tensors it was recorded with."""
-        self.planned = self.plan is not None
+        self.planned = None if self.plan is None else True
         self.plan_note = ""
         if self.plan is None:
             return
@@ -151,15 +152,6 @@ class Reload(ReloadBackend):
                 self.plan_note = "engine parameters changed since the plan was recorded (rebuilt or re-allocated)"
             self.plan.clear()
             self.plan.fingerprint = fingerprint
-
-    @property
-    def planned(self) -> bool | None:
-        """Whether every group of the current / last sync was replayed from the plan (None: plans off)."""
-        return self._planned if self.plan is not None else None
-
-    @planned.setter
-    def planned(self, value: bool) -> None:
-        self._planned = value
 
     def load(self, group: Weights) -> None:
         if not self.open:
