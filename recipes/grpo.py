@@ -37,6 +37,7 @@ from rlsync.rl.checks import check_run
 from rlsync.rl.grpo import GRPOHParams, group_advantages, grpo_update
 from rlsync.rl.optim import build_optimizer
 from rlsync.rl.console import run_console
+from rlsync.rl.export import export_at_end
 from rlsync.rl.resume import Checkpointer, is_complete, is_rank0
 from rlsync.rl.rollout import SyncConfig, collect, source_config, sync_source
 from rlsync.rl.run import RunConfig, RunDir, trainer_group
@@ -84,6 +85,7 @@ def main(cfg: GRPOConfig) -> RunDir:
     with (trainer_group(cfg.trainer), RunDir(cfg.run, cfg, resume=cfg.resume, writer=is_rank0()) as run,
           run_console(run, cfg.run)):  # vLLM's log to <run dir>/run.log, a summary at the end
         train(cfg, run)  # the run is closed (TensorBoard flushed) also when training raises
+        export_at_end(run)  # run.export: the final checkpoint as a Hugging Face checkpoint, in the summary
     return run
 
 

@@ -8,6 +8,13 @@ rlsync engine (FP8), corrects the rollout/trainer mismatch with its importance
 sampling, and the callback syncs every step in layer groups. trl's log
 history (with the `sync/...` metrics) is appended to `<run dir>/metrics.jsonl`.
 
+Checkpoints are transformers' own, `<run dir>/trl/checkpoint-N` (weights in the
+trainer's dtype, or the LoRA adapter, plus trl's optimizer and trainer state),
+every `run.checkpoint_every` steps and after the last, the newest
+`run.keep_checkpoints` kept. `rlsync export RUN_DIR OUT` (or `run.export`)
+turns one into the base model's format, LoRA merged. A fresh run refuses a
+run directory that already holds such checkpoints (`run.overwrite` starts over).
+
 What it does not do: expose every trl option as a typed key; `trl.extra_args`
 passes any other `GRPOConfig` field through, and trl validates it.
 """
@@ -24,6 +31,8 @@ from transformers import TrainerCallback
 from rlsync.config.bounds import check_bounds
 from rlsync.errors import ConfigError
 from rlsync.integrations.trl import RLSyncCallback, RLSyncConfig
+from rlsync.rl.console import command_console
+from rlsync.rl.export import TRL_DIR, export_at_end, trl_checkpoints
 from rlsync.rl.run import RunConfig, RunDir
 from rlsync.rl.tasks import TaskConfig, VowelTask, make_task
 from rlsync.rl.trainer_model import ModelConfig, load_trainer_model, require_model_path
@@ -134,6 +143,7 @@ def main(cfg: TrlGRPOConfig) -> TrlRun:
 
     callback = RLSyncCallback(cfg.rlsync)  # first: fails fast on an unsupported trl
     require_model_path(cfg.model)  # before the run directory is written
+    _refuse_old_checkpoints(cfg.run)
     torch.manual_seed(cfg.run.seed)
     with RunDir(cfg.run, cfg) as run:  # closed also when training raises
         policy, _, tokenizer = load_trainer_model(cfg.model)
@@ -148,6 +158,8 @@ def main(cfg: TrlGRPOConfig) -> TrlRun:
             callbacks=[callback, _MetricsFile(run)],
         )
         trainer.train()
+        with command_console():  # rlsync's lines on the terminal
+            export_at_end(run)  # run.export: the final checkpoint as a Hugging Face checkpoint, LoRA merged
     return TrlRun(path=run.path, trainer=trainer, callback=callback)
 
 
@@ -162,16 +174,35 @@ def _grpo_args(cfg: TrlGRPOConfig, run_path: Path) -> dict[str, Any]:
     on_cpu = not torch.cuda.is_available()
     return {
         **args,
-        "output_dir": str(run_path / "trl"),
+        "output_dir": str(run_path / TRL_DIR),
         "use_vllm": True,
         "vllm_mode": "colocate",
         "seed": cfg.run.seed,
         "use_cpu": on_cpu,
         "bf16": not on_cpu,  # trl's default mixed precision needs a GPU
         "report_to": [],
-        "save_strategy": "no",
+        **_save_args(cfg.run),
         **cfg.trl.extra_args,
     }
+
+
+def _save_args(run: RunConfig) -> dict[str, Any]:
+    """transformers' checkpoints from the run's keys: every `checkpoint_every` steps and after the last one
+    (transformers saves the final step under the "steps" strategy), the newest `keep_checkpoints` kept."""
+    if run.checkpoint_every == 0:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": run.checkpoint_every,
+            "save_total_limit": run.keep_checkpoints or None}
+
+
+def _refuse_old_checkpoints(run: RunConfig) -> None:
+    """A fresh run must not mix its checkpoints with an earlier run's (an export would take the newest)."""
+    old = trl_checkpoints(Path(run.output_dir) / run.name)
+    if old and not run.overwrite:
+        raise ConfigError(f"run.name: {old[-1].parent} already holds trl checkpoints "
+                          f"({', '.join(p.name for p in old)}); export them (rlsync export "
+                          f"{old[-1].parent.parent} OUT), choose another run.name, or set run.overwrite=true to "
+                          f"start over")
 
 
 def _peft_config(lora: LoraArgs):

@@ -5,6 +5,7 @@
     rlsync run -v CONFIG                   # vLLM's log on the terminal too (it is always in RUN_DIR/run.log)
     rlsync run grpo/tiny_cpu_fp8           # a shipped config by name (a file that exists wins)
     rlsync plot RUN_DIR [--out PNG]
+    rlsync export RUN_DIR OUT [--step N] [--force]   # the policy as a Hugging Face checkpoint (LoRA merged)
     rlsync ls                              # the shipped configs and the recipes
     rlsync cp NAME DEST [--force]          # copy a shipped config to edit
     rlsync --version
@@ -12,7 +13,8 @@
 The config's `recipe:` key names the recipe; the recipe module's config
 dataclass validates every key and type before any work starts. Exit status: 0
 done, 2 config error (nothing run), 1 the run stopped (`DivergenceError`: the
-loss or gradients became non-finite; `CheckpointError`: no checkpoint to trust). Multi-process
+loss or gradients became non-finite; `CheckpointError`: no checkpoint to trust; for `export`, also an
+`ExportError`: the result would not match the base checkpoint, and OUT is left as it was). Multi-process
 runs go through `torchrun` / `deepspeed` launching `rlsync run` (or
 `python -m rlsync.cli run`), never a launcher of our own.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 from rlsync.config import load_config
 from rlsync.config.loader import read_yaml
 from rlsync.config.shipped import configs_dir, describe, resolve_config, shipped_config, shipped_configs
-from rlsync.errors import CheckpointError, ConfigError, DivergenceError
+from rlsync.errors import CheckpointError, ConfigError, DivergenceError, ExportError
 
 # recipe name -> module with `CONFIG` (config dataclass) and `main(config)`. The repository's
 # `recipes/` directory is installed as `rlsync.recipes` (pyproject.toml: package-dir).
@@ -115,6 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     plot = sub.add_parser("plot", help="plot a run's reward, KL / mismatch and sync time to a PNG")
     plot.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
     plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    export = sub.add_parser(
+        "export", help="write a run's policy as a Hugging Face checkpoint (safetensors, config, tokenizer)",
+        description="Write the policy of RUN_DIR's newest intact checkpoint (or --step N) into OUT as a Hugging "
+                    "Face checkpoint that `vllm serve OUT` and `from_pretrained(OUT)` load: LoRA merged, the same "
+                    "tensor names, shapes and dtypes as the base model the run started from. OUT appears only "
+                    "when complete. Works on rlsync's recipes (checkpoints/step_N) and on the trl recipe "
+                    "(trl/checkpoint-N); a run saves checkpoints when run.checkpoint_every > 0.")
+    export.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints), e.g. runs/grpo-tiny-fp8")
+    export.add_argument("out", help="directory to write; must not exist or be empty, unless --force")
+    export.add_argument("--step", type=int, default=None, metavar="N", help="the checkpoint of step N (default: the newest intact one)")
+    export.add_argument("--force", action="store_true", help="replace OUT if it holds files (only once the export is complete)")
     sub.add_parser("ls", help="list the shipped configs and the recipes")
     cp = sub.add_parser("cp", help="copy a shipped config to DEST, to edit and run it")
     cp.add_argument("name", help="shipped config name, e.g. grpo/tiny_cpu_fp8 (`rlsync ls` lists them)")
@@ -132,6 +145,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rlsync: {args.command}: {exc}", file=sys.stderr)
             return 2
         print(f"rlsync: wrote {out}")
+        return 0
+
+    if args.command == "export":
+        from rlsync.rl.console import command_console
+        from rlsync.rl.export import export_run
+
+        try:
+            with command_console():
+                export_run(args.run_dir, args.out, step=args.step, force=args.force)
+        except ConfigError as exc:
+            print(f"rlsync: export: {exc}", file=sys.stderr)
+            return 2
+        except (CheckpointError, ExportError) as exc:
+            print(f"rlsync: export: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     if args.command == "plot":

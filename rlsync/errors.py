@@ -3,7 +3,8 @@
 `ValueError` subclasses are for bad input; `EngineNotReady` is for an engine
 that refuses to sample because its weights are not from one complete sync;
 `DivergenceError` stops a run whose loss or gradients stopped being finite;
-`CheckpointError` refuses a checkpoint that cannot be trusted.
+`CheckpointError` refuses a checkpoint that cannot be trusted; `ExportError`
+stops an export whose output would not match the base checkpoint.
 """
 
 
@@ -29,3 +30,7 @@ class DivergenceError(RLSyncError):
 
 class CheckpointError(RLSyncError):
     """A checkpoint cannot be trusted: damaged, not loadable as plain data, or outside its run directory."""
+
+
+class ExportError(RLSyncError):
+    """An exported checkpoint does not match the base checkpoint's tensor names, shapes or dtypes; nothing is written."""

@@ -163,8 +163,9 @@ def find_latest(run_path: str | Path, *, verify_hashes: bool = False) -> Path | 
     return complete[-1] if complete else None
 
 
-def load_latest(run_path: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """(directory, state) of the newest intact checkpoint of a run; None if it has none.
+def load_latest(run_path: str | Path, *, mmap: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """(directory, state) of the newest intact checkpoint of a run; None if it has none (`mmap`: see
+    `load_checkpoint`).
 
     Tries the one `latest` names, then every `step_*` directory newest first;
     each damaged one is skipped with a warning naming the damage. Raises
@@ -175,10 +176,10 @@ def load_latest(run_path: str | Path) -> tuple[Path, dict[str, Any]] | None:
     problems = []
     for path in _resume_candidates(root):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, mmap=mmap)
         except CheckpointError as exc:
             problems.append(str(exc))
-            warnings.warn(f"resume: skipping damaged checkpoint {exc}; trying the next older one", stacklevel=2)
+            warnings.warn(f"skipping damaged checkpoint {exc}; trying the next older one", stacklevel=2)
     if problems:
         raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(problems))
     return None
@@ -199,8 +200,11 @@ def _resume_candidates(root: Path) -> list[Path]:
     return candidates + [path for path in reversed(dirs) if path not in candidates]
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     """The state saved in checkpoint directory `path` (tensors on CPU), after checking every file's hash.
+
+    `mmap=True` maps `state.pt` instead of reading it into memory: a reader that needs only the policy
+    weights (an export) never pages in the optimizer's moments.
 
     Raises `CheckpointError` if a file is missing or changed, or if `state.pt`
     holds anything but tensors and plain data (it is never unpickled as code).
@@ -210,7 +214,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if problem is not None:
         raise CheckpointError(f"{path}: {problem}")
     try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path / STATE_FILE}: not loadable as tensors and plain data "
                               f"({type(exc).__name__}: {_first_line(exc)})") from exc

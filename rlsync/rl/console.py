@@ -111,6 +111,15 @@ def run_console(run: RunDir, config: RunConfig) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def command_console() -> Iterator[None]:
+    """For a command that builds no engine (`rlsync export`): rlsync's lines, `rlsync: <message>`, on stderr."""
+    terminal = TerminalHandler(sys.stderr)
+    terminal.setFormatter(RlsyncFormatter())
+    with _rlsync_logs_to([terminal]):
+        yield
+
+
+@contextlib.contextmanager
 def _rlsync_logs_to(handlers: list[logging.Handler]) -> Iterator[None]:
     logger = logging.getLogger(LOGGER)
     saved = (list(logger.handlers), logger.level, logger.propagate)

@@ -54,7 +54,7 @@ from rlsync.trainer import TrainerConfig, setup_distributed, teardown_distribute
 # logs, never what it computes. Keys ending in ".steps" match any recipe section.
 RESUMABLE_CHANGES = (
     "resume", ".steps", "run.checkpoint_every", "run.keep_checkpoints", "run.tensorboard", "run.progress",
-    "run.verbose", "run.overwrite", "sync.verify_every",
+    "run.verbose", "run.overwrite", "run.export", "sync.verify_every",
 )
 
 
@@ -80,12 +80,20 @@ class RunConfig:
     """Progress bars for training steps and syncs."""
     verbose: bool = False
     """Also print vLLM's log on the terminal (`rlsync run -v`); it always goes to `<run dir>/run.log`."""
+    export: bool = False
+    """At the end, write the policy as a Hugging Face checkpoint into `<run dir>/export` (`rlsync.rl.export`;
+    needs `checkpoint_every` > 0: it is made from the final checkpoint). Off by default: it is one more full copy
+    of the weights per run (15 GB for a 7B model in bf16), and `rlsync export RUN_DIR OUT` makes the same from
+    any checkpoint of the run, whenever it is wanted."""
 
     def validate(self) -> None:
         if self.checkpoint_every < 0:
             raise ConfigError(f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.keep_checkpoints < 0:
             raise ConfigError(f"run.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        if self.export and self.checkpoint_every == 0:
+            raise ConfigError("run.export: the export is made from the run's final checkpoint; set "
+                              "run.checkpoint_every > 0 (the last step is always saved), or run.export=false")
         check_name(self.name)
         if not self.output_dir or any(ord(ch) < 32 for ch in self.output_dir):
             raise ConfigError(f"run.output_dir must be a path without control characters, got {self.output_dir!r}")

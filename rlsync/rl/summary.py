@@ -16,8 +16,9 @@ trainer / rollout log-prob mismatch (`MISMATCH_KEYS`, first one present);
 Limitations:
 1. The wall time from the file spans the first logged step's start to the last
    one's end; for a resumed run it includes the time between the sessions.
-2. The plot is listed only once drawn (`rlsync plot RUN_DIR`); otherwise the
-   summary gives that command.
+2. The plot is listed only once drawn (`rlsync plot RUN_DIR`), the Hugging Face
+   export only once written (`run.export`, or `rlsync export` into
+   `RUN_DIR/export`); otherwise the summary gives the command.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rlsync.rl import checkpoint
+from rlsync.rl.export import EXPORT_DIR, export_info
 from rlsync.rl.run import read_metrics
 
 SUCCESS_KEY = "success"
@@ -70,13 +72,15 @@ class RunSummary:
     session_seconds: float | None = None
     """How long the command that produced this summary ran (not in `metrics.jsonl`); None to leave it out."""
     exported: Path | None = None
-    """A Hugging Face export of the policy, if the run wrote one."""
+    """A Hugging Face export of the policy (`from_run` finds `<run dir>/export`, where `run.export` writes)."""
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, session_seconds: float | None = None,
                  exported: Path | None = None) -> RunSummary:
         path = Path(run_dir)
         records = read_metrics(path) if (path / "metrics.jsonl").exists() else []
+        if exported is None and export_info(path / EXPORT_DIR) is not None:
+            exported = path / EXPORT_DIR
         return cls(path=path, records=records, session_seconds=session_seconds, exported=exported,
                    checkpoints=checkpoint.complete_checkpoints(checkpoint.checkpoint_dir(path)))
 
@@ -150,7 +154,11 @@ class RunSummary:
         else:
             rows.append(("checkpoints", "none"))
         if self.exported is not None:
-            rows.append(("exported", str(self.exported)))
+            info = export_info(self.exported) or {}
+            step = f" (step {info['step']})" if "step" in info else ""
+            rows.append(("exported", f"{self.exported}{step}"))
+        elif self.checkpoints:
+            rows.append(("exported", f"not exported: rlsync export {self.path} {self.path / EXPORT_DIR}"))
         if (self.path / LOG_FILE).exists():
             rows.append(("log", str(self.path / LOG_FILE)))
         return rows

@@ -1,5 +1,6 @@
 """Hand-built toy layers shaped like vLLM's (fused shards, kernel-format processing, a tied head),
 shared by the reload tests in tests/unit. No vLLM import: the reload core runs on plain torch modules.
+Also: a run directory with checkpoints of a changed policy, for the export tests (`trained_run`).
 
 The toy quant method does what vLLM's online FP8 does structurally: it replaces
 `weight` by a transposed, quantized tensor and creates `weight_scale`.
@@ -7,6 +8,7 @@ The toy quant method does what vLLM's online FP8 does structurally: it replaces
 
 import re
 import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -229,3 +231,36 @@ def random_weight(shape, seed=0, std=0.02):
     """A seeded Gaussian bf16 weight."""
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
+
+
+# ------------------------------------------------------------ a run to export (rlsync.rl.export)
+ROOT = Path(__file__).resolve().parents[2]
+GRPO_TINY = ROOT / "configs/grpo/tiny_cpu_fp8.yaml"
+
+
+def trained_run(tmp_path, *overrides, steps=(3,), scale=0.02):
+    """(run directory, policy): a run of the GRPO tiny config (with `overrides`) whose checkpoints at `steps` hold a
+    policy changed by seeded noise on every trainable parameter (a stand-in for training; with LoRA, the A and B
+    factors, so the adapters change the model). The policy is the trainer's: fp32, PEFT-wrapped with LoRA."""
+    from rlsync.cli import load_recipe_config
+    from rlsync.rl import checkpoint
+    from rlsync.rl.run import RunDir
+    from rlsync.rl.state import TrainState
+    from rlsync.rl.tasks import make_task
+    from rlsync.rl.trainer_model import load_trainer_model
+    from rlsync.trainer import apply_lora
+
+    _, cfg = load_recipe_config(GRPO_TINY, [f"run.output_dir={tmp_path}", "run.name=run", "run.checkpoint_every=1",
+                                            *overrides])
+    policy = apply_lora(load_trainer_model(cfg.model)[0], cfg.trainer.lora)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    state = TrainState(modules={"policy": policy}, optimizers={"policy": torch.optim.AdamW(trainable)},
+                       task=make_task(cfg.task, seed=0))
+    with RunDir(cfg.run, cfg) as run:
+        for step in steps:
+            gen = torch.Generator().manual_seed(step)
+            with torch.no_grad():
+                for p in trainable:
+                    p.add_(torch.randn(p.shape, generator=gen) * scale)
+            checkpoint.save_checkpoint(run.path, step, state.state_dict(step), keep=0)
+    return run.path, policy
