@@ -16,11 +16,19 @@ Helpers shared between test files live in support modules
 never in a conftest or a test file.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Trackers (`run.report_to`) stay on this machine: wandb offline, trackio's local store in a temporary directory
+# (trackio reads TRACKIO_DIR when it is imported), never the network or the home directory.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="rlsync-tests-trackio-")
+atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

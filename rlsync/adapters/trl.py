@@ -21,9 +21,11 @@ module replaces exactly these attributes, and nothing else:
 3. `GRPOTrainer.log` and `RLOOTrainer.log` (class attributes, wrapped once):
    the SyncReport metrics recorded since the last log are appended to the
    trainer's `_metrics` before trl averages them, so they reach
-   `state.log_history` and every reporter like trl's own metrics. A class
-   attribute because a callback never receives the trainer object; trainers
-   without an rlsync engine pass straight through.
+   `state.log_history` and every reporter like trl's own metrics; so do the
+   trl metrics rlsync's own recipes log under another name (`RLSYNC_NAMES`:
+   the same values again, under rlsync's name). A class attribute because a
+   callback never receives the trainer object; trainers without an rlsync
+   engine pass straight through.
 
 Limitations:
 1. trl >=1.16.0,<1.17.0 only (checked; `check_trl_version`).
@@ -48,6 +50,13 @@ from rlsync.errors import ConfigError
 SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))
 """trl releases this module was written against: [low, high)."""
 SUPPORTED_RANGE = f">={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]}"
+RLSYNC_NAMES = {
+    "logprob_mismatch": "sampling/sampling_logp_difference/mean",
+    "step_seconds": "step_time",
+}
+"""rlsync's metric name -> trl 1.16's name for the same quantity (mean |trainer - engine| log-prob per sampled
+token; seconds per optimizer step, rollout and sync included), so a dashboard reads rlsync's recipes and trl's
+alike."""
 
 _WRAPPED = "__rlsync_wrapped__"
 _HOST = "_rlsync_host"
@@ -237,6 +246,10 @@ def _wrap_log(original):
             for metrics in host.drain_metrics():
                 for key, value in metrics.items():
                     trainer._metrics[mode][key].append(value)
+            window = trainer._metrics[mode]
+            for ours, theirs in RLSYNC_NAMES.items():
+                if theirs in window:
+                    window[ours] = list(window[theirs])
         return original(trainer, logs, start_time)
 
     setattr(log, _WRAPPED, True)

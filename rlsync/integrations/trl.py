@@ -14,7 +14,9 @@ sync streams the weights as layer groups from whatever trl prepared (plain,
 DDP, FSDP1/2, ZeRO-3, PEFT/LoRA merged one group at a time: `source_for`),
 quantizing on arrival. Each sync's `SyncReport` goes through trl's own
 metrics, so `sync/seconds`, `sync/gbps`, `sync/groups`, ... appear in
-`trainer.state.log_history` and every configured reporter.
+`trainer.state.log_history` and every configured reporter, with two of trl's
+own metrics also under the names rlsync's recipes give them
+(`logprob_mismatch`, `step_seconds`; `rlsync.adapters.trl.RLSYNC_NAMES`).
 
 Sleep mode (`vllm_enable_sleep_mode=True`) keeps trl's memory schedule: the
 engine sleeps at level 2 (weights and KV cache released) while the trainer

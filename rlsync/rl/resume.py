@@ -14,7 +14,8 @@ the restored weights *before* the first rollout, or step k+1 would sample from
 the base model. `resume` does that sync (tagged with the checkpoint's step).
 
 On resume, metric lines after the checkpoint's step are dropped (they are
-recomputed), TensorBoard events from that step on are purged, and stale
+recomputed), TensorBoard events from that step on are purged (trackers:
+`rlsync.rl.tracking`), and stale
 `.tmp-*` directories of interrupted writes are removed. Both the resume and the
 check for a finished run say on the `rlsync` logger which checkpoint and step
 they found, so a resume is never silent. The checkpoint is the
@@ -76,8 +77,7 @@ class Checkpointer:
 
     def start(self) -> int:
         """A fresh run: step 0 (the engine already holds the base weights)."""
-        if self.config.tensorboard:
-            self.run.open_tensorboard()
+        self.run.open_trackers()
         return 0
 
     def resume(self, engine, source) -> int:
@@ -96,8 +96,7 @@ class Checkpointer:
         step = self.state.load_state_dict(latest[1])
         log.info(f"resume: continuing {self.run.path} from checkpoint {latest[0]} (step {step})")
         self.run.truncate_after(step)
-        if self.config.tensorboard:
-            self.run.open_tensorboard(purge_step=step + 1)
+        self.run.open_trackers(purge_step=step + 1)
         engine.sync(source, step=step)
         self.saved_step = step
         return step

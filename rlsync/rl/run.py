@@ -1,4 +1,4 @@
-"""A run directory: resolved config, metrics JSONL, checkpoints, optional TensorBoard.
+"""A run directory: resolved config, metrics JSONL, checkpoints, optional trackers (`run.report_to`).
 
 Why JSONL: appending a line per step survives a killed run (every finished step
 is on disk), and any tool reads it. The resolved config (after overrides) is
@@ -20,13 +20,13 @@ other existing directory is refused, so a mistyped `run.output_dir` can never
 delete someone's `checkpoints/`.
 
 Failure: `RunDir` is a context manager; `with RunDir(...) as run:` closes it
-(TensorBoard flushed and closed) also when the run raises. Metric lines are
+(trackers flushed and closed) also when the run raises. Metric lines are
 appended and closed one at a time, so every logged step is on disk.
 
 Limitations:
 1. Only rank 0 writes (`writer=False` elsewhere); other ranks get a RunDir that
    knows its path and ignores `log`.
-2. TensorBoard gets the same scalars as the JSONL, nothing else.
+2. Trackers (`rlsync.rl.tracking`) get the same scalars as the JSONL, nothing else.
 """
 
 from __future__ import annotations
@@ -48,13 +48,15 @@ from rlsync.config import to_dict
 from rlsync.config.loader import read_yaml
 from rlsync.errors import ConfigError
 from rlsync.rl import checkpoint
+from rlsync.rl.tracking import Tracker, TrackerName, TrackerRun, check_report_to, close_all, open_trackers
 from rlsync.trainer import TrainerConfig, setup_distributed, teardown_distributed
 
 # Dotted config keys a resumed run may change: how long it runs and how it
 # logs, never what it computes. Keys ending in ".steps" match any recipe section.
 RESUMABLE_CHANGES = (
-    "resume", ".steps", "run.checkpoint_every", "run.keep_checkpoints", "run.tensorboard", "run.progress",
-    "run.verbose", "run.overwrite", "run.export", "sync.verify_every",
+    "resume", ".steps", "run.checkpoint_every", "run.keep_checkpoints", "run.report_to", "run.project",
+    "run.tensorboard",  # replaced by run.report_to; a run an older rlsync started may still be resumed
+    "run.progress", "run.verbose", "run.overwrite", "run.export", "sync.verify_every",
 )
 
 
@@ -74,8 +76,10 @@ class RunConfig:
     """Newest complete checkpoints kept (0 = keep all)."""
     overwrite: bool = False
     """Let a fresh (non-resume) run delete its old run directory (only one rlsync created: see `MARKER`)."""
-    tensorboard: bool = False
-    """Also write metrics as TensorBoard scalars under `<run dir>/tensorboard`."""
+    report_to: list[TrackerName] = dataclasses.field(default_factory=list)
+    """Trackers that also get the metrics: `tensorboard` (`<run dir>/tensorboard`), `wandb`, `trackio`."""
+    project: str = "rlsync"
+    """wandb / trackio project the run reports to (under its `name`)."""
     progress: bool = True
     """Progress bars for training steps and syncs."""
     verbose: bool = False
@@ -95,6 +99,9 @@ class RunConfig:
             raise ConfigError("run.export: the export is made from the run's final checkpoint; set "
                               "run.checkpoint_every > 0 (the last step is always saved), or run.export=false")
         check_name(self.name)
+        check_report_to(self.report_to)
+        if not self.project.strip():
+            raise ConfigError("run.project must not be empty")
         if not self.output_dir or any(ord(ch) < 32 for ch in self.output_dir):
             raise ConfigError(f"run.output_dir must be a path without control characters, got {self.output_dir!r}")
 
@@ -129,7 +136,7 @@ class RunDir:
         self.path = Path(config.output_dir) / config.name
         self.metrics_path = self.path / "metrics.jsonl"
         self.writer = writer
-        self._tb = None
+        self._trackers: list[Tracker] = []
         if not writer:
             return
         self._claim(resume)
@@ -142,6 +149,7 @@ class RunDir:
             self.metrics_path.unlink()
         with config_path.open("w") as f:
             yaml.safe_dump(resolved_dict, f, sort_keys=False)
+        self._resolved = resolved_dict
 
     def _claim(self, resume: bool) -> None:
         """Create (and mark) the run directory, or check that an existing one is rlsync's to reuse."""
@@ -180,13 +188,12 @@ class RunDir:
             os.fsync(f.fileno())
         os.replace(tmp, self.metrics_path)
 
-    def open_tensorboard(self, purge_step: int | None = None) -> None:
-        """Start TensorBoard logging; `purge_step` discards events at or after it (resume)."""
+    def open_trackers(self, purge_step: int | None = None) -> None:
+        """Start the trackers in `run.report_to`; `purge_step` (resume) drops TensorBoard events from it on."""
         if not self.writer:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._tb = SummaryWriter(str(self.path / "tensorboard"), purge_step=purge_step)
+        run = TrackerRun(path=self.path, project=self.config.project, name=self.config.name, config=self._resolved)
+        self._trackers = open_trackers(self.config.report_to, run, purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.writer:
@@ -194,14 +201,12 @@ class RunDir:
         record = {"step": step, "time": time.time(), **metrics}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(key, value, step)
+        for tracker in self._trackers:
+            tracker.log(step, metrics)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        trackers, self._trackers = self._trackers, []
+        close_all(trackers)
 
     def __enter__(self) -> RunDir:
         return self

@@ -12,7 +12,7 @@ def test_plot_and_tensorboard_from_a_real_run(tmp_path, capsys):
     module, cfg = load_recipe_config(
         ROOT / "configs/grpo/tiny_cpu_fp8.yaml",
         ["grpo.steps=2", "grpo.prompts_per_step=2", "grpo.group_size=2", f"run.output_dir={tmp_path}", "run.name=p",
-         "run.tensorboard=true", "run.checkpoint_every=0", "run.progress=false", "sync.verify_every=0"],
+         "run.report_to=[tensorboard]", "run.checkpoint_every=0", "run.progress=false", "sync.verify_every=0"],
     )
     run_dir = module.main(cfg).path
     assert len(read_metrics(run_dir)) == 2
@@ -30,7 +30,7 @@ def test_plot_and_tensorboard_from_a_real_run(tmp_path, capsys):
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    rewards = events.Scalars("reward")
+    rewards = events.Scalars("train/reward")  # every tracker's name: train/<metrics.jsonl key>
     assert [e.step for e in rewards] == [1, 2]
     assert [e.value for e in rewards] == [r["reward"] for r in read_metrics(run_dir)]
-    assert "sync/seconds" in events.Tags()["scalars"]
+    assert "train/sync/seconds" in events.Tags()["scalars"]

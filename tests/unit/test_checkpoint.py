@@ -167,9 +167,9 @@ def test_run_dir_marks_what_it_creates_and_touches_nothing_else(tmp_path):
 
 def test_run_dir_closes_when_the_run_raises(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
-        with RunDir(RunConfig(output_dir=str(tmp_path), name="r", tensorboard=True), {"x": 1}) as run:
-            run.open_tensorboard()
+        with RunDir(RunConfig(output_dir=str(tmp_path), name="r", report_to=["tensorboard"]), {"x": 1}) as run:
+            run.open_trackers()
             run.log(1, {"reward": 0.5})
             raise RuntimeError("boom")
-    assert run._tb is None  # closed: its events are flushed
+    assert run._trackers == []  # closed: their events are flushed
     assert list((run.path / "tensorboard").iterdir()) and read_metrics(run.path)[0]["reward"] == 0.5

@@ -1,4 +1,5 @@
-"""`import rlsync` and every subpackage stay lean: no vLLM, DeepSpeed, trl or transformers, no CUDA initialisation.
+"""`import rlsync` and every subpackage stay lean: no vLLM, DeepSpeed, trl or transformers, no tracker or plotting
+library, no CUDA initialisation.
 
 Each import runs in a fresh interpreter, so one subpackage's heavy import cannot hide behind
 another's. `rlsync.integrations` (the trl callback) may import transformers, never vLLM.
@@ -23,7 +24,7 @@ SUBPACKAGES = [
     "rlsync.source",
     "rlsync.trainer",
 ]
-HEAVY = ("vllm", "deepspeed", "trl", "transformers")
+HEAVY = ("vllm", "deepspeed", "trl", "transformers", "wandb", "trackio", "tensorboard", "matplotlib")
 ALLOWED = {"rlsync.integrations": {"transformers"}}
 
 PROBE = """
