@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rlsync.cli import load_recipe_config
 from rlsync.engine.verify import verify_groups
 from rlsync.errors import ConfigError, EngineNotReady, SyncError
+from rlsync.rl.export import checkpoint_tensors, compare_tensors, export_info, trl_checkpoints
 from rlsync.rl.run import read_metrics
 from rlsync.rl.trainer_model import load_trainer_model
 from rlsync.source import ModuleSource, group_key
@@ -88,7 +90,8 @@ def test_config_options_are_checked():
 def test_grpo_recipe_fp8_verified_every_step(tmp_path, monkeypatch):
     loads = _count_loads(monkeypatch)
     module, cfg = load_recipe_config(
-        CONFIG, SMALL + ["trl.max_steps=3", f"run.output_dir={tmp_path}", "run.name=t"]
+        CONFIG, SMALL + ["trl.max_steps=3", f"run.output_dir={tmp_path}", "run.name=t", "run.checkpoint_every=2",
+                         "run.export=true"]
     )
     initial = dict(load_trainer_model(cfg.model)[0].named_parameters())
     run = module.main(cfg)
@@ -107,6 +110,18 @@ def test_grpo_recipe_fp8_verified_every_step(tmp_path, monkeypatch):
         # FP8 rollouts really differ from the fp32 trainer: that is what trl's IS correction reweights
         assert r["sampling/sampling_logp_difference/mean"] > 0
     assert [m["step"] for m in read_metrics(run.path) if "sync/seconds" in m] == [1, 2, 3]
+
+    # trl saved transformers checkpoints (step 2, and the last step), and run.export made the last one a Hugging
+    # Face checkpoint in the base's format: bf16, the base's names, the trained weights
+    assert [p.name for p in trl_checkpoints(run.path)] == ["checkpoint-2", "checkpoint-3"]
+    exported = run.path / "export"
+    assert export_info(exported)["checkpoint"] == str(run.path / "trl" / "checkpoint-3")
+    assert compare_tensors(checkpoint_tensors(exported), checkpoint_tensors(engine.config.model)) == []
+    weight = "model.layers.1.mlp.down_proj.weight"
+    trained = dict(trainer.model.named_parameters())[weight].detach().to(torch.bfloat16)
+    assert torch.equal(load_file(exported / "model.safetensors")[weight], trained)
+    with pytest.raises(ConfigError, match="already holds trl checkpoints"):  # a fresh run would mix them
+        module.main(cfg)
 
     # one backend load per layer group, not per parameter
     names = list(engine.checkpoint_shapes)
