@@ -2,9 +2,13 @@
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 
 from rlsync.cli import load_recipe_config
+from rlsync.default_model import tiny_model_path
+from rlsync.rl.export import checkpoint_tensors, compare_tensors, export_info
+from rlsync.rl.plot import VALUE_KEYS, figure
 from rlsync.rl.run import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,10 +25,11 @@ VALUE_ERROR_END = 0.3
 def test_ppo_reward_rises_and_value_error_falls(tmp_path):
     module, cfg = load_recipe_config(
         ROOT / "configs/ppo/tiny_cpu_fp8.yaml",
-        ["ppo.steps=24", f"run.output_dir={tmp_path}", "run.name=t", "sync.verify_every=12", "run.checkpoint_every=0",
-         "run.progress=false"],
+        ["ppo.steps=24", f"run.output_dir={tmp_path}", "run.name=t", "sync.verify_every=12", "run.checkpoint_every=24",
+         "run.progress=false", "run.export=true"],
     )
-    records = read_metrics(module.main(cfg).path)
+    run = module.main(cfg).path
+    records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, 25))
     mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)  # noqa: E731
     first, last = mean("reward", records[:4]), mean("reward", records[-4:])
@@ -37,3 +42,16 @@ def test_ppo_reward_rises_and_value_error_falls(tmp_path):
         for key in ("loss", "policy_loss", "value_loss", "logprob_mismatch", "clip_fraction", "sync/seconds"):
             assert key in r and r[key] == r[key], (key, r)  # present and not NaN
     assert [r["sync/verified"] for r in records if "sync/verified" in r] == [1.0, 1.0]
+
+    # its plot: the shared panels, the two verified syncs ringed, and the value head's panel
+    fig = figure(records, title="t")
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    plt.close(fig)
+    assert list(panels) == ["reward", "KL / mismatch", "sync seconds (log scale: the first sync compiles)",
+                            "value head (PPO)"]
+    assert [line.get_label() for line in panels["value head (PPO)"].get_lines()] == list(VALUE_KEYS)
+    (rings,) = panels["sync seconds (log scale: the first sync compiles)"].collections
+    assert rings.get_offsets()[:, 0].tolist() == [12, 24]
+    # run.export: the final policy (not the value head) in the base checkpoint's format
+    assert export_info(run / "export")["step"] == 24
+    assert compare_tensors(checkpoint_tensors(run / "export"), checkpoint_tensors(tiny_model_path())) == []
