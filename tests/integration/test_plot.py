@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+
 from rlsync.cli import load_recipe_config, main
+from rlsync.rl.plot import figure
 from rlsync.rl.run import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,6 +21,11 @@ def test_plot_and_tensorboard_from_a_real_run(tmp_path, capsys):
     assert len(read_metrics(run_dir)) == 2
 
     assert main(["plot", str(run_dir)]) == 0
+    fig = figure(read_metrics(run_dir), title="p")
+    assert [ax.get_title() for ax in fig.axes] == ["reward", "KL / mismatch",
+                                                  "sync seconds (log scale: the first sync compiles)"]
+    assert [line.get_label() for line in fig.axes[1].get_lines()] == ["logprob_mismatch"]
+    plt.close(fig)
     png = run_dir / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert f"wrote {png}" in capsys.readouterr().out
