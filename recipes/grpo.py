@@ -62,7 +62,7 @@ class GRPOConfig:
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     """Rollout engine (its `model` comes from `model.path`, its `seed` from `run.seed`)."""
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
-    """Synthetic task and reward."""
+    """Registered task (prompts and reward): `vowels`, `gsm8k`, or one your script registered."""
     grpo: GRPOHParams = dataclasses.field(default_factory=GRPOHParams)
     """Optimisation settings."""
     sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
@@ -105,7 +105,7 @@ def train(cfg: GRPOConfig, run: RunDir) -> None:
 
     trainer = wrap(policy, cfg.trainer, make_optimizer, max_grad_norm=hp.max_grad_norm)
     seed = cfg.run.seed + trainer_rank()  # each rank draws its own prompts and samples
-    task = make_task(cfg.task, seed=seed)
+    task = make_task(cfg.task, seed=seed, tokenizer=tokenizer)
     state = TrainState(modules={"policy": trainer.model}, optimizers=trainer.optimizers, task=task)
     engine = VLLMEngine(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed,
                                             trust_remote_code=cfg.model.trust_remote_code))
@@ -123,7 +123,8 @@ def train(cfg: GRPOConfig, run: RunDir) -> None:
         metrics = grpo_update(trainer.model, trainer.stepper, rollout.batch, advantages, hp, reference, step=step)
         verify = cfg.sync.verify_every > 0 and step % cfg.sync.verify_every == 0
         report = engine.sync(source, step=step, verify=verify)
-        metrics.update(reward=float(rollout.rewards.mean()), step_seconds=time.perf_counter() - t0, **report.metrics())
+        metrics.update(reward=float(rollout.rewards.mean()), **task.step_metrics(),
+                       step_seconds=time.perf_counter() - t0, **report.metrics())
         metrics = mean_over_ranks(metrics)
         run.log(step, metrics)
         ckpt.maybe_save(step, final=step == hp.steps)

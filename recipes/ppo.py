@@ -60,7 +60,7 @@ class PPOConfig:
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     """Rollout engine (its `model` comes from `model.path`, its `seed` from `run.seed`)."""
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
-    """Synthetic task and reward."""
+    """Registered task (prompts and reward): `vowels`, `gsm8k`, or one your script registered."""
     ppo: PPOHParams = dataclasses.field(default_factory=PPOHParams)
     """Optimisation settings."""
     sync: SyncConfig = dataclasses.field(default_factory=SyncConfig)
@@ -106,7 +106,7 @@ def train(cfg: PPOConfig, run: RunDir) -> None:
     trainer = wrap(policy, cfg.trainer, make_optimizer, max_grad_norm=hp.max_grad_norm, extra=[value_head],
                    extra_optimizers=[value_optimizer])
     seed = cfg.run.seed + trainer_rank()  # each rank draws its own prompts and samples
-    task = make_task(cfg.task, seed=seed)
+    task = make_task(cfg.task, seed=seed, tokenizer=tokenizer)
     state = TrainState(modules={"policy": trainer.model, "value_head": value_head},
                        optimizers={**trainer.optimizers, "value_head": value_optimizer}, task=task)
     engine = VLLMEngine(dataclasses.replace(cfg.engine, model=model_path, seed=cfg.run.seed,
@@ -125,7 +125,8 @@ def train(cfg: PPOConfig, run: RunDir) -> None:
                              reference, step=step)
         verify = cfg.sync.verify_every > 0 and step % cfg.sync.verify_every == 0
         report = engine.sync(source, step=step, verify=verify)
-        metrics.update(reward=float(rollout.rewards.mean()), step_seconds=time.perf_counter() - t0, **report.metrics())
+        metrics.update(reward=float(rollout.rewards.mean()), **task.step_metrics(),
+                       step_seconds=time.perf_counter() - t0, **report.metrics())
         metrics = mean_over_ranks(metrics)
         run.log(step, metrics)
         ckpt.maybe_save(step, final=step == hp.steps)

@@ -2,8 +2,10 @@
 
     rlsync run configs/trl/grpo_tiny_cpu_fp8.yaml [key=value ...]
 
-The same task as `recipes/grpo.py` (the vowels reward on the built-in tiny
-model), trained by trl instead of rlsync's own loop: trl samples from the
+The same tasks as `recipes/grpo.py` (`task.name`: the vowels reward on the
+built-in tiny model by default, `gsm8k`, or one your script registered; the
+task's reward functions are trl's `reward_funcs`), trained by trl instead of
+rlsync's own loop: trl samples from the
 rlsync engine (FP8), corrects the rollout/trainer mismatch with its importance
 sampling, and the callback syncs every step in layer groups. trl's log
 history (with the `sync/...` metrics) is appended to `<run dir>/metrics.jsonl`.
@@ -34,7 +36,7 @@ from rlsync.integrations.trl import RLSyncCallback, RLSyncConfig
 from rlsync.rl.console import command_console
 from rlsync.rl.export import TRL_DIR, export_at_end, trl_checkpoints
 from rlsync.rl.run import RunConfig, RunDir
-from rlsync.rl.tasks import TaskConfig, VowelTask, make_task
+from rlsync.rl.tasks import TaskConfig, make_task
 from rlsync.rl.trainer_model import ModelConfig, load_trainer_model, require_model_path
 
 
@@ -45,7 +47,7 @@ class TrlArgs:
     max_steps: int = 40
     """Optimizer steps."""
     num_prompts: int = 512
-    """Random task prompts in the training dataset."""
+    """Task prompts in the training dataset (drawn from the task: random ones, or records in a shuffled order)."""
     per_device_train_batch_size: int = 16
     """Completions per step (num_generations per prompt)."""
     num_generations: int = 8
@@ -99,7 +101,7 @@ class TrlGRPOConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """Policy checkpoint (null path = the built-in tiny model)."""
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
-    """Synthetic task and reward."""
+    """Registered task (prompts and reward): `vowels`, `gsm8k`, or one your script registered."""
     trl: TrlArgs = dataclasses.field(default_factory=TrlArgs)
     """trl GRPOConfig settings."""
     lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
@@ -147,12 +149,12 @@ def main(cfg: TrlGRPOConfig) -> TrlRun:
     torch.manual_seed(cfg.run.seed)
     with RunDir(cfg.run, cfg) as run:  # closed also when training raises
         policy, _, tokenizer = load_trainer_model(cfg.model)
-        task = make_task(cfg.task, seed=cfg.run.seed)
+        task = make_task(cfg.task, seed=cfg.run.seed, tokenizer=tokenizer)
         trainer = GRPOTrainer(
             model=policy,
-            reward_funcs=vowel_reward,
+            reward_funcs=list(task.reward_funcs),  # trl passes them the dataset's other columns (`answer`)
             args=GRPOConfig(**_grpo_args(cfg, run.path)),
-            train_dataset=Dataset.from_dict({"prompt": task.prompts(cfg.trl.num_prompts)}),
+            train_dataset=Dataset.from_list(task.records(cfg.trl.num_prompts)),
             processing_class=tokenizer,
             peft_config=_peft_config(cfg.lora),
             callbacks=[callback, _MetricsFile(run)],
@@ -161,11 +163,6 @@ def main(cfg: TrlGRPOConfig) -> TrlRun:
         with command_console():  # rlsync's lines on the terminal
             export_at_end(run)  # run.export: the final checkpoint as a Hugging Face checkpoint, LoRA merged
     return TrlRun(path=run.path, trainer=trainer, callback=callback)
-
-
-def vowel_reward(completions: list[str], **_: Any) -> list[float]:
-    """trl reward function: the share of vowels in each completion."""
-    return [VowelTask.reward(c) for c in completions]
 
 
 def _grpo_args(cfg: TrlGRPOConfig, run_path: Path) -> dict[str, Any]:

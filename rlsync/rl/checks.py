@@ -8,13 +8,15 @@ longer a misfit: `rlsync_fp8` completes it when both shards have arrived.) These
 `config.json` (cheap) and raise `ConfigError` naming the key to change.
 
 `check_run` is called twice: when the config loads (with `model.path` not yet
-existing, as in a GPU config validated on a laptop, the model checks are
-skipped) and at the start of a run, once the path must exist.
+existing, as in a GPU config validated on a laptop, or a hub id not yet in the
+local cache, the model checks are skipped; nothing is downloaded to validate a
+config) and at the start of a run, once the path must exist.
 
 Limitations:
-1. The prompt-length bound assumes at most one token per prompt character plus
-   special tokens, true of the built-in character tokenizer and of BPE
-   tokenizers on the synthetic prompts.
+1. The prompt-length bound is `task.prompt_length` tokens plus special tokens:
+   exact for a dataset task (it skips longer prompts, counted in tokens), and
+   for `vowels` (characters) true of the built-in character tokenizer and of
+   BPE tokenizers on its consonant prompts.
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ from typing import Any
 
 from rlsync.engine import EngineConfig
 from rlsync.errors import ConfigError
-from rlsync.rl.trainer_model import ModelConfig
+from rlsync.rl.trainer_model import ModelConfig, cached_snapshot, is_hub_id
 
 _PROMPT_SPECIALS = 3  # the task's ":" separator plus BOS/EOS a tokenizer may add
 
 
 def model_config(model: ModelConfig) -> dict[str, Any] | None:
-    """The model's `config.json` as a dict; None if `model.path` does not exist yet."""
+    """The model's `config.json` as a dict; None if `model.path` does not exist yet (or is a hub id not cached)."""
     if model.path is None:  # the built-in model's shape, from its spec: nothing is built to validate a config
         spec = model.builtin_spec()
         return {**dataclasses.asdict(spec), "head_dim": spec.head_dim}
-    path = Path(model.path) / "config.json"
+    local = cached_snapshot(model) if is_hub_id(model.path) else Path(model.path)
+    if local is None:
+        return None
+    path = local / "config.json"
     if not path.is_file():
         return None
     try:

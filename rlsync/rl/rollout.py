@@ -14,7 +14,7 @@ Limitations:
    draw from the same per-request random stream (vLLM takes one SamplingParams
    per `VLLMEngine.generate` call). Groups stay independent within themselves,
    which is what group advantages need; see the recipes' docstrings.
-2. Rewards are sequence-level (the task's `reward(text)`), as the tasks are.
+2. Rewards are sequence-level (the task's `rewards(prompts, completions)`), as the tasks are.
 """
 
 from __future__ import annotations
@@ -60,13 +60,15 @@ class Rollout:
 def collect(engine, task, tokenizer, *, num_prompts: int, n: int, max_tokens: int, temperature: float,
             seed: int, step: int, device: torch.device | str = "cpu") -> Rollout:
     """Sample `n` completions for each of `num_prompts` task prompts; tensors on the trainer's `device`."""
-    prompts = [tokenizer(p)["input_ids"] for p in task.prompts(num_prompts)]
+    drawn = task.prompts(num_prompts)
+    prompts = [tokenizer(p)["input_ids"] for p in drawn]
     results = engine.generate(prompts, n=n, max_tokens=max_tokens, temperature=temperature,
                               seed=step_seed(seed, step))
     samples = [(r.prompt_token_ids, c) for r in results for c in r.completions]
     batch = make_batch([p for p, _ in samples], [c.token_ids for _, c in samples], [c.logprobs for _, c in samples])
     texts = [c.text for _, c in samples]
-    rewards = torch.tensor([task.reward(t) for t in texts], dtype=torch.float32, device=device)
+    answered = [p for p, r in zip(drawn, results, strict=True) for _ in r.completions]  # each completion's prompt
+    rewards = torch.tensor(task.rewards(answered, texts), dtype=torch.float32, device=device)
     return Rollout(batch=batch.to(device), rewards=rewards, texts=texts)
 
 

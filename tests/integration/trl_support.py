@@ -27,14 +27,14 @@ def tiny_trainer(kind, tiny_path, tmp_path, callback, *, max_steps=2, learning_r
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlsync.recipes.trl_grpo import vowel_reward
+    from rlsync.rl.tasks import vowel_share
 
     datasets = pytest.importorskip("datasets")
     trainer_cls, config_cls = {"grpo": (trl.GRPOTrainer, trl.GRPOConfig), "rloo": (trl.RLOOTrainer, trl.RLOOConfig)}[kind]
     extra = {"peft_config": peft_config} if peft_config is not None else {}
     return trainer_cls(
         model=AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
-        reward_funcs=vowel_reward,
+        reward_funcs=vowel_share,
         args=config_cls(
             output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate", use_cpu=True, bf16=False,
             per_device_train_batch_size=8, num_generations=4, max_completion_length=8, max_steps=max_steps,

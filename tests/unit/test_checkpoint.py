@@ -10,7 +10,7 @@ from rlsync.errors import CheckpointError, ConfigError
 from rlsync.rl import checkpoint
 from rlsync.rl.run import MARKER, RunConfig, RunDir, read_metrics
 from rlsync.rl.state import TrainState, step_seed
-from rlsync.rl.tasks import TaskConfig, VowelTask
+from rlsync.rl.tasks import TaskConfig, make_task
 
 
 def _state(step):
@@ -92,7 +92,7 @@ def _train_state(seed):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    task = VowelTask(TaskConfig(), seed=seed)
+    task = make_task(TaskConfig(), seed=seed)
     return TrainState(modules={"policy": model}, optimizers={"policy": opt}, task=task), model, opt, task
 
 

@@ -36,7 +36,7 @@ def test_shipped_configs_exist():
     ("recipe: grpo\ngrpo: {steps: ten}\n", [], "grpo.steps: expected an integer"),
     ("recipe: grpo\ngrpo: {steps: 1.5}\n", [], "grpo.steps: expected an integer"),
     ("recipe: grpo\nengine: {enforce_eager: 1}\n", [], "engine.enforce_eager: expected true/false"),
-    ("recipe: grpo\ntask: {name: poetry}\n", [], "task.name: 'poetry' is not one of"),
+    ("recipe: grpo\ntask: {name: poetry}\n", [], "task.name: 'poetry' is not a registered task; registered: gsm8k, vowels"),
     ("recipe: grpo\ngrpo: {group_size: 1}\n", [], "grpo.group_size must be >= 2"),
     ("recipe: grpo\nmodel: {dtype: float64}\n", [], "model.dtype"),
     ("recipe: grpo\nengine: {model: /x}\n", [], "engine.model is set from model.path"),

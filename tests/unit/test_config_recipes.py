@@ -40,10 +40,15 @@ def test_gpu_configs_exist_for_both_recipes_and_fp8_layouts():
 
 
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=[p.name for p in GPU_CONFIGS])
-def test_gpu_configs_validate_against_a_real_model_shape(tmp_path, path):
-    _, placeholder = load_recipe_config(path)  # the placeholder path does not exist: model checks wait
-    assert placeholder.model.dtype == "bfloat16" and placeholder.engine.quantization == "rlsync_fp8"
-    assert "CHANGE ME" in path.read_text()
+def test_gpu_configs_pair_a_hub_model_with_the_math_task_and_validate_against_its_shape(tmp_path, path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # not cached: model checks wait
+    _, hub = load_recipe_config(path)  # validating a config downloads nothing
+    assert hub.model.path == "Qwen/Qwen2.5-0.5B-Instruct" and hub.model.dtype == "bfloat16"
+    assert hub.engine.quantization == "rlsync_fp8"
+    assert (hub.task.name, hub.task.dataset, hub.task.dataset_config) == ("gsm8k", "openai/gsm8k", "main")
+    assert not (tmp_path / "empty-cache").exists()
     _, cfg = load_recipe_config(path, [f"model.path={fake_model(tmp_path)}"])  # now the model checks run
     assert cfg.model.path.endswith("model")
 

@@ -5,7 +5,7 @@ import torch
 
 from rlsync.rl.grpo import GRPOHParams, group_advantages, policy_loss
 from rlsync.rl.logprobs import make_batch
-from rlsync.rl.tasks import TaskConfig, VowelTask
+from rlsync.rl.tasks import TaskConfig, make_task, vowel_share
 
 
 def test_group_advantages_normalize_within_each_group():
@@ -49,10 +49,9 @@ def test_kl_penalty_is_zero_at_the_reference_and_positive_away():
 
 
 def test_vowel_reward():
-    assert VowelTask.reward("aeiou") == 1.0
-    assert VowelTask.reward("abab") == 0.5
-    assert VowelTask.reward("") == 0.0
-    task = VowelTask(TaskConfig(prompt_length=5), seed=1)
+    assert vowel_share(["aeiou", "abab", ""]) == [1.0, 0.5, 0.0]
+    task = make_task(TaskConfig(prompt_length=5), seed=1)
     prompts = task.prompts(3)
     assert all(len(p) == 6 and p.endswith(":") for p in prompts)
-    assert VowelTask(TaskConfig(prompt_length=5), seed=1).prompts(3) == prompts
+    assert make_task(TaskConfig(prompt_length=5), seed=1).prompts(3) == prompts
+    assert task.rewards(prompts, ["aeiou", "abab", ""]) == [1.0, 0.5, 0.0] and task.step_metrics() == {}

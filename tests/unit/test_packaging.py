@@ -26,7 +26,7 @@ def test_every_package_under_rlsync_is_built_and_recipes_and_configs_are_mapped_
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "rlsync").rglob("__init__.py")}
     assert set(table["packages"]) == on_disk | {"rlsync.recipes", "rlsync.configs"}
     assert table["package-dir"] == {"rlsync.recipes": "recipes", "rlsync.configs": "configs"}
-    assert table["package-data"] == {"rlsync.configs": ["**/*.yaml"]}
+    assert table["package-data"] == {"rlsync.configs": ["**/*.yaml"], "rlsync": ["data/*.jsonl"]}
     assert not any(name == "recipes" or name.startswith("recipes.") for name in table["packages"])
 
 

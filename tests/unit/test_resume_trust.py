@@ -13,7 +13,7 @@ from rlsync.rl import checkpoint
 from rlsync.rl.resume import Checkpointer
 from rlsync.rl.run import RunConfig, RunDir
 from rlsync.rl.state import TrainState
-from rlsync.rl.tasks import TaskConfig, VowelTask
+from rlsync.rl.tasks import TaskConfig, make_task
 
 
 class Payload:
@@ -58,7 +58,7 @@ def make_state(seed):
     torch.manual_seed(seed)
     model = torch.nn.Linear(8, 8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return TrainState(modules={"policy": model}, optimizers={"policy": opt}, task=VowelTask(TaskConfig(), seed)), model
+    return TrainState(modules={"policy": model}, optimizers={"policy": opt}, task=make_task(TaskConfig(), seed)), model
 
 
 def train_and_checkpoint(tmp_path):
