@@ -3,6 +3,7 @@
     .venv/bin/python examples/custom_task.py                                  # GRPO, tiny model, CPU
     .venv/bin/python examples/custom_task.py grpo/tiny_cpu_fp8 grpo.steps=5 run.name=quick
     .venv/bin/python examples/custom_task.py ppo/tiny_cpu_fp8 run.name=ppo-addition
+    .venv/bin/torchrun --nproc_per_node 2 examples/custom_task.py grpo/tiny_cpu_fsdp2   # 2 ranks, FSDP2
 
 A config names tasks only by their registered name (`task.name: addition`),
 never by a code path, so the code lives here: this script registers it, then

@@ -44,6 +44,9 @@ def load_records(dataset: str, *, config_name: str | None, split: str) -> Sequen
     import datasets
 
     path = Path(dataset).expanduser()
+    if not path.exists() and (path.suffix.lower() in FILE_BUILDERS or dataset.startswith(("/", ".", "~"))):
+        raise ConfigError(f"task.dataset: {dataset}: no such file (a local file must exist; a dataset on the "
+                          f"Hugging Face hub is named org/name)")
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:

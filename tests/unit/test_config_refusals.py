@@ -1,8 +1,9 @@
 """Every bad config a user can hand rlsync is a ConfigError naming the key or file, before anything is written.
 
 One table: non-finite and absurd hyperparameters, malformed YAML and Python tags, an abstract optimizer,
-ill-typed optimizer arguments, run names that are not one plain directory name, a model directory without
-weights, and a run directory rlsync did not create. Each case runs the CLI's own path (load the config,
+ill-typed optimizer arguments, run names that are not one plain directory name, unregistered tasks and
+rewards, a model directory without weights, a hub id neither cached nor downloadable (offline), and a run
+directory rlsync did not create. Each case runs the CLI's own path (load the config,
 then the recipe's `main`, which does the checks that need the disk) and then checks the output directory
 is exactly as it was.
 """
@@ -79,10 +80,18 @@ CASES = [
     ("name-dotdot-inside", "grpo", "", ["run.name=x..y"], "run.name must be a plain directory name"),
     ("name-300", "grpo", "", ["run.name=" + "x" * 300], "it is 300 bytes long (at most 255)"),
     ("output-dir-nul", "grpo", "", ['run.output_dir="a\\0b"'], "run.output_dir must be a path without control"),
+    # -- tasks and rewards: registered names only
+    ("task-unknown", "grpo", "task: {name: poetry}\n", [], "task.name: 'poetry' is not a registered task; registered: "),
+    ("trl-task-unknown", "trl_grpo", "", ["task.name=gsm9k"], "task.name: 'gsm9k' is not a registered task (did you "),
+    ("reward-unknown", "ppo", "", ["task.rewards=[vowels, os.system]"], "task.rewards: 'os.system' is not a registered"),
+    ("dataset-for-vowels", "grpo", "", ["task.dataset=openai/gsm8k"], "task.dataset: the vowels task generates"),
     # -- checked at run start, before the run directory is written
     ("model-without-weights", "grpo", "", ["model.path={model}"],
      "model.path: {model} holds config.json but no weights (no *.safetensors file)"),
     ("ppo-model-without-weights", "ppo", "", ["model.path={model}"], "model.path: {model} holds config.json"),
+    ("hub-id-offline-not-cached", "grpo", "", ["model.path=rlsync-test/not-cached"],
+     "model.path: rlsync-test/not-cached is not a local directory, and as a hub id it is not in the Hugging Face "
+     "cache ({out}/../hub); HF_HUB_OFFLINE=1 forbids downloading it"),
     ("overwrite-foreign-dir", "grpo", "", ["run.name=theirs", "run.overwrite=true"],
      "run.overwrite: {out}/theirs exists and was not created by rlsync (no .rlsync-run file in it)"),
     ("reuse-foreign-dir", "ppo", "", ["run.name=theirs"], "run.name: {out}/theirs exists and was not created by rlsync"),
@@ -118,6 +127,10 @@ def test_bad_config_is_refused_naming_the_key_and_writes_nothing(tmp_path, monke
 
     cfg.write_text(f"recipe: {recipe}\n{fill(body)}")
     before = snapshot(out)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(out / ".." / "hub"))  # an empty cache, offline: no case
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)                 # may reach the hub
 
     with pytest.raises(ConfigError) as info:
         module, config = load_recipe_config(cfg, [f"run.output_dir={out}", "run.progress=false",

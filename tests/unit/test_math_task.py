@@ -66,6 +66,8 @@ def test_gsm8k_records_refuse_what_is_not_gsm8k(tmp_path):
         gsm8k_records(str(bad), config_name=None, split="train")
     with pytest.raises(ConfigError, match="task.dataset_config: 'main' names a configuration"):
         gsm8k_records(str(write_records(tmp_path / "r.jsonl")), config_name="main", split="train")
+    with pytest.raises(ConfigError, match="task.dataset: .*missing.jsonl: no such file"):  # never a hub lookup
+        gsm8k_records(str(tmp_path / "missing.jsonl"), config_name=None, split="train")
     (tmp_path / "r.txt").write_text("x")
     with pytest.raises(ConfigError, match="task.dataset: .*r.txt is a file rlsync cannot read"):
         gsm8k_records(str(tmp_path / "r.txt"), config_name=None, split="train")
@@ -158,8 +160,14 @@ def test_prompts_longer_than_the_bound_are_skipped_and_none_left_is_an_error(tmp
 class AnsweringEngine:
     """Answers the i-th prompt of a call right in its first completion and wrong in the others."""
 
+    tp_rank = 0
+
     def __init__(self, tokenizer, answers):
         self.tokenizer, self.answers = tokenizer, answers
+
+    @staticmethod
+    def gather_in_group(obj):
+        return [obj]  # a one-rank engine
 
     def generate(self, prompts, *, n, **_):
         results = []
