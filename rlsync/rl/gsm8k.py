@@ -43,7 +43,7 @@ MARKER = "####"
 
 def final_answer(answer: str) -> str:
     """The number after a GSM8K answer's last `####`, thousands separators removed; `ValueError` if there is none."""
-    head, marker, tail = answer.rpartition(MARKER)
+    _, marker, tail = answer.rpartition(MARKER)
     number = tail.strip().replace(",", "")
     if not marker or not number:
         raise ValueError(f"a GSM8K answer ends in '{MARKER} <number>'; this one does not: {answer[-80:]!r}")
