@@ -29,7 +29,7 @@ module replaces exactly these attributes, and nothing else:
 
 Limitations:
 1. trl >=1.16.0,<1.17.0 only (checked; `check_trl_version`).
-2. `vllm_mode="colocate"` with `vllm_tensor_parallel_size=1`: one engine per
+2. `vllm_mode="colocate"` (any `vllm_tensor_parallel_size`: k consecutive ranks share one engine): one engine per
    rank, each syncing from its rank's `WeightSource`.
 3. bitsandbytes-quantized trainer models are refused (their parameters are
    packed 4/8-bit storage, not weights an FP8 engine can re-quantize).
@@ -89,8 +89,11 @@ class TrlVLLMSettings:
     """`vllm_enable_sleep_mode`."""
     seed: int
     """trl's sampling seed: the rank's index among tensor-parallel groups."""
+    tensor_parallel_size: int
+    """`vllm_tensor_parallel_size`: consecutive ranks per engine (trl gathers each group's prompts itself)."""
     llm_kwargs: dict[str, Any]
-    """The remaining `vllm.LLM` arguments trl sets (executor backend, batch limits, model impl, ...)."""
+    """The remaining `vllm.LLM` arguments trl sets (batch limits, model impl, ...); trl's executor backend is
+    rlsync's to set (`EngineConfig.tensor_parallel_size`)."""
 
 
 def check_trl_version() -> str:
@@ -114,10 +117,6 @@ def check_trainer_args(args: Any) -> None:
         raise ConfigError("RLSyncCallback needs use_vllm=True (it replaces trl's vLLM engine)")
     if args.vllm_mode != "colocate":
         raise ConfigError(f"RLSyncCallback needs vllm_mode='colocate', got {args.vllm_mode!r}")
-    if args.vllm_tensor_parallel_size != 1:
-        raise ConfigError(
-            f"RLSyncCallback supports vllm_tensor_parallel_size=1, got {args.vllm_tensor_parallel_size}"
-        )
 
 
 def install() -> None:
@@ -170,11 +169,10 @@ def settings_from(generation: Any) -> TrlVLLMSettings:
         max_model_len=generation.max_model_length,
         enable_sleep_mode=generation.enable_sleep_mode,
         seed=accelerator.process_index // generation.tensor_parallel_size,
+        tensor_parallel_size=generation.tensor_parallel_size,
         llm_kwargs={
-            "tensor_parallel_size": generation.tensor_parallel_size,
             "max_num_seqs": generation.max_num_seqs,
             "model_impl": generation.model_impl,
-            "distributed_executor_backend": "external_launcher",
             "max_num_batched_tokens": 4096,
             "trust_remote_code": generation.trust_remote_code,
         },

@@ -59,9 +59,37 @@ def build_llm(model_path: str, **llm_kwargs: Any):
     (`transformers_classes_untouched`), so a colocated trainer of the same architecture keeps working.
     Inside `vllm_logs.vllm_logs_to`, vLLM keeps the log handlers set there."""
     vllm = import_vllm()
+    _keep_trainer_process_group()
     _expert_group_for_a_later_engine()
     with transformers_classes_untouched():
         return vllm.LLM(model_path, **{**llm_logging_kwargs(), **llm_kwargs})
+
+
+def _keep_trainer_process_group() -> None:
+    """Make vLLM's engine teardown leave torch.distributed's default process group alone (idempotent).
+
+    Why: an in-process vLLM engine's shutdown (`EngineCore.shutdown` ->
+    `cleanup_dist_env_and_memory`) ends with `torch.distributed.destroy_process_group()`.
+    A colocated engine shares that default group with the trainer (vLLM's
+    `external_launcher` builds its groups from it), so dropping the engine would
+    tear down the trainer's collectives mid-run, and no later engine could be
+    built under the same launcher. vLLM's own groups (world, TP, ...) are still
+    destroyed; only the default group, which the trainer created, is kept.
+    """
+    from vllm.distributed import parallel_state as ps
+
+    original = ps.destroy_distributed_environment
+    if getattr(original, "rlsync_keeps_default_group", False):
+        return
+
+    def destroy_distributed_environment() -> None:
+        if ps._WORLD:
+            ps._WORLD.destroy()
+        ps._WORLD = None
+        ps._NODE_COUNT = None
+
+    destroy_distributed_environment.rlsync_keeps_default_group = True
+    ps.destroy_distributed_environment = destroy_distributed_environment
 
 
 def _expert_group_for_a_later_engine() -> None:

@@ -37,14 +37,12 @@ LLM_KWARGS: dict[str, str] = {
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "enable_chunked_prefill": "split long prefills across steps",
     "model_impl": "auto, vllm or transformers",
-    "tensor_parallel_size": "ranks per engine (external launcher)",
-    "distributed_executor_backend": "only 'external_launcher' (torchrun / deepspeed ranks)",
     "disable_log_stats": "no periodic engine statistics",
 }
 """`vllm.LLM` keyword arguments `engine.llm_kwargs` accepts, with what each is for."""
 
 _TYPED_KEYS = ("quantization", "dtype", "max_model_len", "seed", "enforce_eager", "gpu_memory_utilization",
-               "enable_sleep_mode", "trust_remote_code")
+               "enable_sleep_mode", "trust_remote_code", "tensor_parallel_size")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -67,6 +65,10 @@ class EngineConfig:
     """No graph capture (CPU); on GPU graphs stay valid since syncs keep data pointers."""
     gpu_memory_utilization: float = 0.3
     """Fraction of device memory for vLLM (GPU only)."""
+    tensor_parallel_size: int = 1
+    """Ranks per engine. k > 1: each group of k consecutive ranks (torchrun / deepspeed, torch.distributed
+    initialized first) forms one engine through vLLM's `external_launcher`, each rank holding its shard; the
+    world is data-parallel groups x k."""
     enable_sleep_mode: bool = False
     """Let the engine release memory between rollouts (`sleep` / `wake_up`)."""
     fp8_scheme: Literal["tensor", "channel", "block"] | None = None
@@ -96,6 +98,9 @@ class EngineConfig:
                 raise ConfigError(f"engine.reload_backend: {exc}") from exc
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"engine.max_model_len must be >= 2, got {self.max_model_len}")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise ConfigError(f"engine.tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self._check_llm_kwargs()
@@ -103,6 +108,9 @@ class EngineConfig:
 
     def _check_llm_kwargs(self) -> None:
         for key, value in self.llm_kwargs.items():
+            if key == "distributed_executor_backend":
+                raise ConfigError("engine.llm_kwargs.distributed_executor_backend: set by rlsync (vLLM's "
+                                  "'external_launcher' when engine.tensor_parallel_size > 1); set engine.tensor_parallel_size")
             if key == "trust_remote_code":
                 raise ConfigError("engine.llm_kwargs.trust_remote_code: refused here; it is an explicit option "
                                   "(model.trust_remote_code in a recipe config, EngineConfig.trust_remote_code in code)")
@@ -115,8 +123,6 @@ class EngineConfig:
                 )
             if key == "hf_overrides" and not isinstance(value, dict):
                 raise ConfigError("engine.llm_kwargs.hf_overrides: expected a mapping (a callable would run code)")
-            if key == "distributed_executor_backend" and value != "external_launcher":
-                raise ConfigError(f"engine.llm_kwargs.distributed_executor_backend: only 'external_launcher', got {value!r}")
 
     def fp8(self) -> Fp8Config | None:
         """The `rlsync_fp8` scheme the engine will use (from `fp8_scheme` / `fp8_options`, or
@@ -168,11 +174,14 @@ class EngineConfig:
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enable_sleep_mode": self.enable_sleep_mode,
             "trust_remote_code": self.trust_remote_code,
+            "tensor_parallel_size": self.tensor_parallel_size,
             # log-probs of the distribution actually sampled (after temperature),
             # which is what the trainer's importance weights compare against
             "logprobs_mode": "processed_logprobs",
             **self.llm_kwargs,
         }
+        if self.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"  # the ranks torchrun / deepspeed started
         if self.fp8_scheme is not None or self.fp8_options:
             fp8 = self.fp8()
             assert fp8 is not None

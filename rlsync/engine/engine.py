@@ -20,6 +20,11 @@ After a failed sync every KV-cache block is zeroed (a NaN in a freed block
 survives attention masking), so nothing computed from bad weights outlives the
 recovery sync.
 
+Tensor parallelism (`tensor_parallel_size` k > 1): every rank of the group
+syncs from the same stream of full tensors and loads its shard; after each sync
+the group agrees (`rlsync.engine.parallel.group_failures`), so a failure on any
+rank leaves every rank FAILED. Verify runs per rank, on its own shard.
+
 What it does not do: launch processes (use torchrun / deepspeed) or own the
 trainer model.
 """
@@ -36,7 +41,8 @@ from typing import Any
 
 import torch
 
-from rlsync.adapters import vllm_engine, vllm_layers, vllm_load, vllm_logs
+from rlsync.adapters import vllm_engine, vllm_layers, vllm_load, vllm_logs, vllm_tp
+from rlsync.engine import parallel
 from rlsync.engine.checkpoint import checkpoint_shapes
 from rlsync.engine.config import EngineConfig
 from rlsync.engine.report import SyncReport
@@ -121,12 +127,16 @@ class VLLMEngine:
             config = EngineConfig(model=str(config), **overrides)
         self.config = cfg = config
         llm_kwargs = cfg.vllm_kwargs()
+        parallel.check_launch(cfg.tensor_parallel_size, cfg.model)
         # Capture the load format as vLLM builds the model, whichever backend runs
         # now: the rlsync backend needs it and a caller may switch backends later.
         # (inside a recipe run, what the build writes to stderr outside logging goes to the run's log)
         with vllm_logs.native_output_to_log(), vllm_load.capture_at_load(capture):
             self.llm = vllm_engine.build_llm(cfg.model, **llm_kwargs)
         self.model = vllm_engine.driver_model(self.llm)
+        self.tp_rank, self.tp_size = vllm_tp.engine_tp(self.model) if cfg.tensor_parallel_size > 1 else (0, 1)
+        """This rank's place in its engine's tensor-parallel group (0, 1 without one)."""
+        self._tp_group = vllm_tp.tp_cpu_group() if self.tp_size > 1 else None
         get_capture(self.model)  # fails loudly if vLLM stopped calling the capture hook
         self.packed = vllm_engine.packed_modules_mapping(self.model)
         self.checkpoint_shapes = checkpoint_shapes(cfg.model)
@@ -182,7 +192,24 @@ class VLLMEngine:
         `SystemExit`, any non-`Exception`) propagate as themselves.
         """
         with self._lock:
-            return self._sync(source, step, verify)
+            if self._tp_group is None:
+                return self._sync(source, step, verify)
+            return self._sync_in_group(source, step, verify)
+
+    def _sync_in_group(self, source: WeightSource | torch.nn.Module, step: int, verify: bool) -> SyncReport:
+        """`_sync` on every rank of a TP group, then one verdict for the group: if any rank failed, all end FAILED."""
+        try:
+            report = self._sync(source, step, verify)
+        except Exception as exc:
+            parallel.group_failures(self._tp_group, exc)
+            raise  # this rank is FAILED already; the others learn it from the gather
+        failures = parallel.group_failures(self._tp_group, None)
+        if failures:
+            exc = SyncError(f"sync to step {step} failed on another rank of this engine's tensor-parallel group, so "
+                            f"this rank's shard is not used either: {'; '.join(failures)}")
+            self._fail(exc, abort=False)
+            raise exc
+        return report
 
     def _sync(self, source: WeightSource | torch.nn.Module, step: int, verify: bool) -> SyncReport:
         if self.state is EngineState.SYNCING:
@@ -390,6 +417,13 @@ class VLLMEngine:
                 self._kv_asleep = False
                 if self._kv_dirty:
                     self._clear_kv_cache()
+
+    def gather_in_group(self, obj: Any) -> list[Any]:
+        """`obj` from every rank of this engine's tensor-parallel group, in TP-rank order (`[obj]` at TP 1).
+
+        vLLM's `external_launcher` needs every rank of a group to submit the same requests; a rollout gathers the
+        group's prompts with this, generates them all on every rank, and keeps its own (`rlsync.rl.rollout`)."""
+        return parallel.group_gather(self._tp_group, obj)
 
     def named_kernel_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The engine's parameters as the kernels use them (for tests and verify)."""

@@ -26,8 +26,12 @@ kernel tensor the reference does not produce) raises `SyncError` naming the
 layer type and the tensors, never a silent skip; `verify_groups` returns
 (compared, written) and they are equal.
 
-Limitations: 1. tensor parallel size 1 (each rank's full tensors);
-2. parameters only (buffers such as rotary caches are not checkpoint data).
+Tensor parallelism: each rank derives the part of every full tensor its own
+layers hold (`rlsync.adapters.vllm_tp.local_param`: output rows, input
+columns, vocabulary rows, expert slices) and compares its own kernel tensors,
+so a TP group is verified rank by rank; each rank's report counts its tensors.
+
+Limitation: parameters only (buffers such as rotary caches are not checkpoint data).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 
 from rlsync.adapters.vllm_layers import expert_checkpoint_names, is_routed_experts, read_kernel_tensor
+from rlsync.adapters.vllm_tp import local_expert_shard, local_param
 from rlsync.errors import SyncError
 from rlsync.quant.expected import expert_reference, kernel_reference
 
@@ -113,13 +118,15 @@ def expected_tensors(item: _Item, tensors: dict[str, torch.Tensor]) -> dict[str,
         raise type(exc)(f"verify: {exc} ({item.module_name})") from exc
     if item.experts is not None:
         dtype = getattr(item.module, "orig_dtype", None) or item.module.w13_weight.dtype
-        stacked = {p: torch.stack([torch.cat([tensors[n] for n in names]) for names in per_expert]).to(dtype)
+        shard_ids = {"w13_weight": ("w1", "w3"), "w2_weight": ("w2",)}
+        stacked = {p: torch.stack([torch.cat([local_expert_shard(item.module, tensors[n], s)
+                                              for n, s in zip(names, shard_ids[p])]) for names in per_expert]).to(dtype)
                    for p, per_expert in item.experts.items()}
         return ref(item.module, stacked["w13_weight"], stacked["w2_weight"])
     out: dict[str, torch.Tensor] = {}
     for pname, names in item.sources.items():
         current = read_kernel_tensor(item.module, pname)
-        full = torch.cat([tensors[n] for n in names], dim=0) if len(names) > 1 else tensors[names[0]]
+        full = local_param(item.module, pname, [tensors[n] for n in names])
         if pname == "weight" and ref is not None:
             dtype = getattr(item.module, "orig_dtype", torch.bfloat16)
             out.update(ref(item.module, full.to(dtype)))

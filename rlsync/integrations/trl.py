@@ -94,6 +94,7 @@ class RLSyncConfig:
             "enable_sleep_mode": settings.enable_sleep_mode,
             "seed": settings.seed,
             "max_model_len": settings.max_model_len,  # None as in trl: vLLM infers it from the model config
+            "tensor_parallel_size": settings.tensor_parallel_size,
         }
         return EngineConfig(
             model=self.model_path or (settings.model if settings is not None else ""),

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rlsync.adapters import vllm_layers
+from rlsync.adapters import vllm_layers, vllm_tp
 from rlsync.errors import SyncError
 from rlsync.quant import reference
 
@@ -46,7 +46,10 @@ def register_reference(method_type: type, fn: Reference | None) -> None:
 
 
 def _fp8_per_channel_online(layer: nn.Module, weight_NK: torch.Tensor) -> dict[str, torch.Tensor]:
-    q_NK, scale_N1 = reference.fp8_per_channel(weight_NK)
+    """vLLM's online per-channel FP8; under tensor parallelism a row-parallel shard's channel amax is the whole
+    row's (vLLM all-reduces it over the TP group, so each shard has the unsharded model's scales)."""
+    amax = vllm_tp.whole_row_amax(layer, reference.channel_amax(weight_NK))
+    q_NK, scale_N1 = reference.fp8_per_channel(weight_NK, amax)
     return {"weight": q_NK.t(), "weight_scale": scale_N1}
 
 

@@ -125,6 +125,15 @@ def quantize_full(config: Fp8Config, weight_NK: torch.Tensor, widths: Sequence[i
     return reference.fp8_per_block(weight_NK, config.block)
 
 
+def empty_kernel(config: Fp8Config, shape: tuple[int, int], widths: Sequence[int],
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized kernel storage (e4m3 (N, K), fp32 scales; `shape` may lead with an expert dim) that
+    quantize-on-arrival fills."""
+    *lead, n, k = shape
+    return (torch.empty(shape, dtype=reference.FP8_DTYPE, device=device),
+            torch.empty((*lead, *config.scale_shape(n, k, widths)), dtype=torch.float32, device=device))
+
+
 def shard_index(shard_id: Any, num_shards: int) -> int | None:
     """vLLM's shard id (`q`/`k`/`v`, or an int for gate/up) -> shard index.
 

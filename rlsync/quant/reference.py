@@ -47,16 +47,23 @@ def _check_2d(weight: torch.Tensor) -> None:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
 
 
-def fp8_per_channel(weight_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_amax(weight_NK: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel absolute max, (N, 1) fp32."""
+    lo, hi = weight_NK.aminmax(dim=-1, keepdim=True)
+    return torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
+
+
+def fp8_per_channel(weight_NK: torch.Tensor, amax_N1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel FP8: returns (`q_NK` e4m3, `scale_N1` fp32).
 
     Matches vLLM's online `fp8_per_channel`: amax over the input dim, scale =
     amax / 448 (true division by a 0-d fp32 tensor), clamped below at
     1/(448*512), then `(w / scale).clamp(-448, 448)` cast to e4m3.
+    `amax_N1`: the channels' amax when it is not this weight's own (vLLM's
+    row-parallel shards under tensor parallelism take it over the whole row).
     """
     _check_2d(weight_NK)
-    lo, hi = weight_NK.aminmax(dim=-1, keepdim=True)
-    amax = torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
+    amax = channel_amax(weight_NK) if amax_N1 is None else amax_N1
     fp8_max = torch.tensor(FP8_MAX, dtype=torch.float32, device=weight_NK.device)
     scale_N1 = (amax / fp8_max).clamp_min(1.0 / (fp8_max * 512))
     q_NK = (weight_NK / scale_N1).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)

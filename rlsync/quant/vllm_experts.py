@@ -5,17 +5,21 @@ imports vLLM. The math (scales, quantize-on-arrival, the forward) is in
 `rlsync.quant.fp8_moe`.
 
 - `create_weights` makes the checkpoint format vLLM's unquantized experts
-  use: `w13_weight` (E, 2I, H) and `w2_weight` (E, H, I) in the engine dtype,
-  with the layer's expert weight loader (per-expert gate / up / down
-  checkpoint tensors land in their rows).
-- `process_weights_after_loading` quantizes every expert (`fp8_moe.quantize_experts`)
-  into e4m3 `w13_weight` / `w2_weight` with `w13_weight_scale` /
-  `w2_weight_scale`, and puts an arrival loader on the new weights: with
-  `rlsync_arrival = True`, rlsync's reload backend keeps the kernel tensors and
-  vLLM's `load_weights` hands each expert shard to that loader, which
-  quantizes it straight into its rows. vLLM's layerwise reload instead
-  restores the engine-dtype format and processes the layer again; both give
-  the same bits.
+  use, `w13_weight` (E, 2I, H) and `w2_weight` (E, H, I) in the engine dtype,
+  on the meta device (no storage), with a build loader, and allocates the
+  e4m3 kernel storage and scales. The first load hands each expert's gate /
+  up / down checkpoint tensor to that loader, which quantizes it on arrival
+  into its rows (`fp8_moe.quantize_expert_shard_into`): a build holds one
+  expert shard's temporaries, never the engine-dtype experts.
+- `process_weights_after_loading` registers the kernel tensors
+  (`w13_weight` / `w2_weight` with `w13_weight_scale` / `w2_weight_scale`;
+  `built_on_arrival` names them) and puts an arrival loader on the new
+  weights: with `rlsync_arrival = True`, rlsync's reload backend keeps the
+  kernel tensors and vLLM's `load_weights` hands each expert shard to that
+  loader, which quantizes it straight into its rows. vLLM's layerwise reload
+  instead restores the engine-dtype format (the build loader then loads as
+  vLLM's unquantized experts do) and processes the layer again, quantizing
+  every expert (`fp8_moe.quantize_experts`); every path gives the same bits.
 - `apply` routes tokens (`fp8_moe.experts_forward`) and runs each expert's
   two linears with kernels chosen by the linear dispatch
   (`rlsync.quant.kernels.choose_kernel` on the per-expert `LinearDescriptor`s):
@@ -40,7 +44,7 @@ import torch
 
 from rlsync.adapters import vllm_quant as vq
 from rlsync.errors import ConfigError
-from rlsync.quant.fp8_linear import Fp8Config, PendingRows
+from rlsync.quant.fp8_linear import Fp8Config, PendingRows, empty_kernel
 from rlsync.quant.fp8_moe import (
     W2,
     W13,
@@ -68,6 +72,13 @@ class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
         self.kernels: dict[str, Kernel] = {}
         self.pending: dict[str, list[PendingRows]] = {}
         """Block scheme: per weight, per expert, rows of block rows straddling the gate / up boundary."""
+        self.building: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """During the engine's first load, per weight: the kernel storage arriving expert shards quantize into."""
+        self.arrived: dict[str, int] = {}
+        self.built_on_arrival: set[str] = set()
+        """Weights the first load quantized shard by shard on arrival (their engine-dtype form never existed)."""
+        self.build_weights: dict[str, torch.Tensor] = {}
+        """The meta-device checkpoint-format weights of the first load (see the linear method's `build_weight`)."""
 
     def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
@@ -77,11 +88,17 @@ class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
                               + "; ".join(problems))
         self.shapes = shapes = ExpertShapes(num_experts=num_experts, hidden=hidden_size,
                                             intermediate=intermediate_size_per_partition)
+        vllm_loader = extra_weight_attrs.pop("weight_loader")
         for name in (W13, W2):
-            weight = torch.nn.Parameter(torch.empty(num_experts, *shapes.shape(name), dtype=params_dtype),
+            # checkpoint format on the meta device; the first load quantizes each expert shard into `building`
+            weight = torch.nn.Parameter(torch.empty(num_experts, *shapes.shape(name), dtype=params_dtype, device="meta"),
                                         requires_grad=False)
             layer.register_parameter(name, weight)
             vq.set_weight_attrs(weight, extra_weight_attrs)
+            weight.weight_loader = self._build_loader(layer, name, vllm_loader)
+            self.build_weights[name] = weight
+            self.building[name] = empty_kernel(self.config, (num_experts, *shapes.shape(name)), shapes.widths(name))
+            self.arrived[name] = 0
             desc = LinearDescriptor(weight_layout=self.layout, shape=shapes.shape(name), shard_widths=shapes.widths(name),
                                     activation=self.config.activation, act_dtype=params_dtype, out_dtype=params_dtype,
                                     device=vq.device_type())
@@ -89,10 +106,41 @@ class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
             self.pending[name] = [PendingRows() for _ in range(num_experts)]
         layer.orig_dtype = params_dtype
 
+    def _build_loader(self, layer: torch.nn.Module, name: str, vllm_loader):
+        layer_ref = weakref.ref(layer)
+
+        def rlsync_expert_build_loader(param: torch.Tensor, loaded_weight: torch.Tensor, weight_name: str,
+                                       shard_id: str, expert_id: int, return_success: bool = False) -> bool | None:
+            """First load: quantize the expert shard into the kernel storage. Any other `param` is vLLM's layerwise
+            reload restoring the checkpoint format (on meta to count, then materialized): that loads as unquantized
+            experts do."""
+            if param is not self.build_weights.get(name):
+                return vllm_loader(param, loaded_weight, weight_name, shard_id=shard_id, expert_id=expert_id,
+                                   return_success=return_success)
+            if name not in self.building:
+                raise RuntimeError(f"rlsync_fp8: an expert shard arrived for already processed {name}")
+            q, scale = self.building[name]
+            quantize_expert_shard_into(self.config, q, scale, self.shapes.widths(name), int(expert_id), shard_id,
+                                       loaded_weight, layer_ref().orig_dtype, pending=self.pending[name])
+            self.arrived[name] += loaded_weight.numel()
+            return True if return_success else None
+
+        return rlsync_expert_build_loader
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         assert self.shapes is not None, "create_weights sets the shapes"
         for name in (W13, W2):
-            q, scale = quantize_experts(self.config, getattr(layer, name).data, self.shapes.widths(name))
+            current = getattr(layer, name)
+            if current is self.build_weights.get(name):  # the first load: every expert shard was quantized on arrival
+                expected = current.numel()
+                if name not in self.building or self.arrived[name] != expected:
+                    raise RuntimeError(f"rlsync_fp8: {getattr(layer, 'layer_name', layer)}.{name} received "
+                                       f"{self.arrived.get(name, 0)} of {expected} elements at load")
+                q, scale = self.building.pop(name)
+                del self.build_weights[name]
+                self.built_on_arrival.add(name)
+            else:  # vLLM's layerwise reload restored and loaded the engine-dtype checkpoint format
+                q, scale = quantize_experts(self.config, current.data, self.shapes.widths(name))
             delattr(layer, name)
             layer.register_parameter(name, torch.nn.Parameter(q, requires_grad=False))
             layer.register_parameter(f"{name}_scale", torch.nn.Parameter(scale, requires_grad=False))

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
-from rlsync.adapters import vllm_layers, vllm_load
+from rlsync.adapters import vllm_layers, vllm_load, vllm_tp
 from rlsync.errors import SyncError
 from rlsync.reload.capture import LayerCapture, TensorSpec, layer_tensors, plain_tensor_attrs
 from rlsync.quant.layout import stacked_view
@@ -437,7 +437,7 @@ class ArrivalLayer:
             bound = _bind(sig, original, args, kwargs)
             bound.arguments["param"] = kernel  # the plugin writes the kernel tensor, whatever vLLM was shown
             key = (pname, _shard_key(bound))
-            numel = bound.arguments["loaded_weight"].numel()
+            numel = vllm_tp.local_numel(self.layer, pname, bound.arguments)  # this rank's part under TP
             self._claim(key, numel)
             result = original(*bound.args, **bound.kwargs)
             _record(self.slot, self.name, pname, key, numel, bound, None)

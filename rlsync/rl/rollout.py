@@ -9,8 +9,14 @@ differ. Two choices make runs reproducible and resumable:
   group by group, as the engine would) wrapped in `ProgressSource`, which draws
   a progress bar over layer groups without touching the source's bounds.
 
+Tensor-parallel engines: the k trainer ranks of one engine each draw their own
+prompts (their own task seed) and train on their own samples, so no sample is
+duplicated across ranks; the engine generates the k ranks' prompts in one call,
+each rank's with that rank's seed, so a rank's samples are what a one-rank
+engine with the same weights would draw.
+
 Limitations:
-1. One seed per call: prompt j's i-th completion and prompt k's i-th completion
+1. One seed per rank and call: prompt j's i-th completion and prompt k's i-th completion
    draw from the same per-request random stream (vLLM takes one SamplingParams
    per `VLLMEngine.generate` call). Groups stay independent within themselves,
    which is what group advantages need; see the recipes' docstrings.
@@ -62,8 +68,12 @@ def collect(engine, task, tokenizer, *, num_prompts: int, n: int, max_tokens: in
     """Sample `n` completions for each of `num_prompts` task prompts; tensors on the trainer's `device`."""
     drawn = task.prompts(num_prompts)
     prompts = [tokenizer(p)["input_ids"] for p in drawn]
-    results = engine.generate(prompts, n=n, max_tokens=max_tokens, temperature=temperature,
-                              seed=step_seed(seed, step))
+    # A tensor-parallel engine spans several trainer ranks, and each must submit the same requests: every rank
+    # sends the group's prompts together, each with its own rank's seed, and keeps the completions of its own.
+    group = engine.gather_in_group((prompts, step_seed(seed, step)))
+    mine = sum(len(p) for p, _ in group[:engine.tp_rank])
+    results = engine.generate([q for p, _ in group for q in p], n=n, max_tokens=max_tokens, temperature=temperature,
+                              seed=[s for p, s in group for _ in p])[mine:mine + len(prompts)]
     samples = [(r.prompt_token_ids, c) for r in results for c in r.completions]
     batch = make_batch([p for p, _ in samples], [c.token_ids for _, c in samples], [c.logprobs for _, c in samples])
     texts = [c.text for _, c in samples]

@@ -77,7 +77,7 @@ def hf_logprobs(model, seqs=SEQS):
     return out
 
 
-def _fake_quantized(cfg, w, widths):
+def fake_quantized_weight(cfg, w, widths):
     """`w` quantized by rlsync_fp8's reference (shards `widths`) and dequantized, in w's dtype."""
     w16 = w.to(torch.bfloat16)
     q, s = quantize_full(cfg, w16, widths)
@@ -99,13 +99,13 @@ def dequantized_trainer(trainer, scheme):
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.rpartition(".")[2] in LINEARS:
-                module.weight.copy_(_fake_quantized(cfg, module.weight, [module.weight.shape[0]]))
+                module.weight.copy_(fake_quantized_weight(cfg, module.weight, [module.weight.shape[0]]))
             gate_up = module._parameters.get("gate_up_proj")
             if gate_up is not None and gate_up.dim() == 3:
                 i = gate_up.shape[1] // 2
                 for e in range(gate_up.shape[0]):
-                    gate_up[e].copy_(_fake_quantized(cfg, gate_up[e], [i, i]))
-                    module.down_proj[e].copy_(_fake_quantized(cfg, module.down_proj[e], [module.down_proj.shape[1]]))
+                    gate_up[e].copy_(fake_quantized_weight(cfg, gate_up[e], [i, i]))
+                    module.down_proj[e].copy_(fake_quantized_weight(cfg, module.down_proj[e], [module.down_proj.shape[1]]))
     return model
 
 

@@ -106,6 +106,30 @@ def test_engine_uses_the_plugin(engines):
     assert type(qkv.quant_method.kernel).__name__ == "EmulatedKernel"  # CPU priority: emulated first
 
 
+def test_the_build_quantizes_the_checkpoint_on_arrival(engines, tiny_path):
+    """Bounded build: each FP8 layer's bf16 weight never existed (its build-time weight was a meta tensor that the
+    checkpoint shards were quantized through), and the freshly built kernel tensors are the reference quantization
+    of the checkpoint, as a bf16 build quantized afterwards would give; vLLM's layerwise reload restores the
+    checkpoint format and quantizes it whole (the `vllm` backend's engine, built the same way, has the same bits)."""
+    from safetensors.torch import load_file
+
+    scheme, ours, theirs, _ = engines
+    checkpoint = {}
+    for f in sorted(tiny_path.glob("*.safetensors")):
+        checkpoint.update(load_file(f))
+    cfg = Fp8Config(scheme=scheme)
+    for name, layer in fp8_layers(ours).items():
+        assert layer.quant_method.built_on_arrival and layer.quant_method.building is None, name
+        prefix, _, leaf = name.rpartition(".")
+        shards = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}.get(leaf, [leaf])
+        w = torch.cat([checkpoint[f"{prefix}.{s}.weight"] for s in shards]).to(torch.bfloat16)
+        want_q, want_s = quantize_full(cfg, w, layer.quant_method.widths)
+        assert torch.equal(layer.weight.view(torch.uint8), want_q.view(torch.uint8)), name
+        assert torch.equal(layer.weight_scale.view(torch.int32), want_s.view(torch.int32)), name
+    a, b = kernel_bits(ours), kernel_bits(theirs)
+    assert not [n for n in a if not torch.equal(a[n], b[n])]
+
+
 @pytest.mark.parametrize("order", ["layer", "shuffled"])
 def test_sync_writes_reference_bits_in_place_and_backends_agree(engines, trainer, order):
     scheme, ours, theirs, _ = engines

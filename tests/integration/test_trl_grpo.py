@@ -63,7 +63,7 @@ def test_unsupported_trl_version_fails_at_construction(monkeypatch):
         RLSyncCallback()
 
 
-@pytest.mark.parametrize("bad", [{"use_vllm": False}, {"vllm_mode": "server"}, {"vllm_tensor_parallel_size": 2}])
+@pytest.mark.parametrize("bad", [{"use_vllm": False}, {"vllm_mode": "server"}])
 def test_callback_refuses_what_it_cannot_take_over(tmp_path, bad):
     from trl import GRPOConfig
 

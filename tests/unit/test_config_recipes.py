@@ -86,7 +86,11 @@ BAD = [
     ("grpo", "engine: {llm_kwargs: {worker_cls: evil.Worker}}\n", [], "engine.llm_kwargs.worker_cls: not an allowed vLLM argument"),
     ("grpo", "engine: {llm_kwargs: {hf_overrides: some.function}}\n", [], "engine.llm_kwargs.hf_overrides: expected a mapping"),
     ("grpo", "engine: {llm_kwargs: {distributed_executor_backend: my.Executor}}\n", [],
-     "engine.llm_kwargs.distributed_executor_backend: only 'external_launcher'"),
+     "engine.llm_kwargs.distributed_executor_backend: set by rlsync (vLLM's 'external_launcher' when "
+     "engine.tensor_parallel_size > 1)"),
+    ("grpo", "engine: {llm_kwargs: {tensor_parallel_size: 2}}\n", [],
+     "engine.llm_kwargs.tensor_parallel_size: set engine.tensor_parallel_size instead"),
+    ("grpo", "engine: {tensor_parallel_size: 0}\n", [], "engine.tensor_parallel_size must be an int >= 1, got 0"),
     ("grpo", "engine: {quantization: rlsync_fp8, llm_kwargs: {hf_overrides: {quantization_config: {scheme: row}}}}\n",
      [], "engine.llm_kwargs.hf_overrides.quantization_config: rlsync_fp8 scheme 'row'"),
     ("grpo", "engine: {quantization: rlsync_fp8, llm_kwargs: {hf_overrides: {quantization_config: {sceme: block}}}}\n",
