@@ -126,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                     "(trl/checkpoint-N); a run saves checkpoints when run.checkpoint_every > 0.")
     export.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints), e.g. runs/grpo-tiny-fp8")
     export.add_argument("out", help="directory to write; must not exist or be empty, unless --force")
-    export.add_argument("--step", type=int, default=None, metavar="N", help="the checkpoint of step N (default: the newest intact one)")
-    export.add_argument("--force", action="store_true", help="replace OUT if it holds files (only once the export is complete)")
+    export.add_argument("--step", type=int, default=None, metavar="N",
+                        help="the checkpoint of step N (default: the newest intact one)")
+    export.add_argument("--force", action="store_true",
+                        help="replace OUT if it holds files (only once the export is complete)")
     sub.add_parser("ls", help="list the shipped configs and the recipes")
     cp = sub.add_parser("cp", help="copy a shipped config to DEST, to edit and run it")
     cp.add_argument("name", help="shipped config name, e.g. grpo/tiny_cpu_fp8 (`rlsync ls` lists them)")

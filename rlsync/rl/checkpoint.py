@@ -87,15 +87,15 @@ def save_checkpoint(run_path: str | Path, step: int, state: dict[str, Any], *, k
     meta = {"bytes": state_path.stat().st_size, "sha256": _sha256(state_path)}
     manifest = {"step": step, "files": {STATE_FILE: meta}}
     _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():  # a complete checkpoint of this step from before a resume: this one replaces it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     pointer = root / f".{LATEST}.tmp-{os.getpid()}"
     _write_durably(pointer, (final.name + "\n").encode())
     os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
+    fsync_path(root)
     if keep > 0:
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
@@ -285,7 +285,8 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entries: renames into it) by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -107,7 +107,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
     `out` is then left as it was.
     """
     started = time.perf_counter()
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = Path(run_dir), Path(os.path.abspath(out))  # "." and "x/.." as the directory they name
     raw = run_config(run_dir)
     model_cfg = dataclasses.replace(_section(ModelConfig, raw, "model"), device="cpu", gradient_checkpointing=False)
     base = Path(resolve_model_path(model_cfg))
@@ -131,8 +131,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
         policy.tokenizer.save_pretrained(tmp)
         problems = compare_tensors(checkpoint_tensors(tmp), base_tensors)
         if problems:
+            more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
             raise ExportError(f"the export of {policy.checkpoint} does not match the base checkpoint {base}: "
-                              + "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
+                              f"{'; '.join(problems[:8])}{more}")
         info = {"run": str(run_dir), "checkpoint": str(policy.checkpoint), "step": policy.step, "base": str(base),
                 "lora_merged": policy.lora_merged}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
@@ -364,20 +365,12 @@ def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
         os.rename(out, old)
     os.rename(tmp, out)
-    _fsync(out.parent)
+    checkpoint.fsync_path(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
-            _fsync(file)
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            checkpoint.fsync_path(file)
+    checkpoint.fsync_path(path)

@@ -99,7 +99,7 @@ def test_moe_export_is_in_checkpoint_format(tmp_path):
     assert "model.layers.0.mlp.experts.7.down_proj.weight" in got
 
 
-def test_refusals_leave_out_as_it_was(tmp_path):
+def test_refusals_leave_out_as_it_was(tmp_path, monkeypatch):
     run, _ = trained_run(tmp_path)
     out = tmp_path / "hf"
     out.mkdir()
@@ -107,7 +107,8 @@ def test_refusals_leave_out_as_it_was(tmp_path):
     with pytest.raises(ConfigError, match="not empty; pass --force"):
         export_run(run, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    for bad in (run, tmp_path):  # --force would replace the run itself
+    monkeypatch.chdir(tmp_path)
+    for bad in (run, tmp_path, ".", run / ".."):  # --force would replace the run itself
         with pytest.raises(ConfigError, match="is or holds the run directory"):
             export_run(run, bad, force=True)
     with pytest.raises(ConfigError, match="is or holds the base model"):
