@@ -8,7 +8,18 @@ task's reward functions are trl's `reward_funcs`), trained by trl instead of
 rlsync's own loop: trl samples from the
 rlsync engine (FP8), corrects the rollout/trainer mismatch with its importance
 sampling, and the callback syncs every step in layer groups. trl's log
-history (with the `sync/...` metrics) is appended to `<run dir>/metrics.jsonl`.
+history (with the `sync/...` metrics) is appended to `<run dir>/metrics.jsonl`
+and goes to the trackers in `run.report_to` through trl's own reporters.
+
+The terminal is rlsync's, as in the other recipes (`rlsync.rl.console`): a step
+bar with the reward and the sync time instead of transformers' bar and its
+printed log dicts, vLLM's log in `<run dir>/run.log` (`rlsync run -v` shows it),
+a summary at the end. trl is imported inside that console: what its import
+writes to stderr (trl warns that it was not tested with this vLLM, whose engine
+rlsync replaces; vLLM's own import notices) goes to run.log too, and trl's
+`VLLM_LOGGING_LEVEL=ERROR` default is not left in the environment. On a
+machine without CUDA, DeepSpeed is told the CPU accelerator its detection
+would pick, so it does not warn that it picked it.
 
 Checkpoints are transformers' own, `<run dir>/trl/checkpoint-N` (weights in the
 trainer's dtype, or the LoRA adapter, plus trl's optimizer and trainer state),
@@ -23,19 +34,26 @@ passes any other `GRPOConfig` field through, and trl validates it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm import tqdm
 from transformers import TrainerCallback
 
+from rlsync.adapters.vllm_logs import native_output_to_log
+from rlsync.config import to_dict
 from rlsync.config.bounds import check_bounds
 from rlsync.errors import ConfigError
 from rlsync.integrations.trl import RLSyncCallback, RLSyncConfig
-from rlsync.rl.console import command_console
+from rlsync.rl.console import run_console
 from rlsync.rl.export import TRL_DIR, export_at_end, trl_checkpoints
 from rlsync.rl.run import RunConfig, RunDir
+from rlsync.rl.tracking import TrackerRun, trl_reporting
 from rlsync.rl.tasks import TaskConfig, make_task
 from rlsync.rl.trainer_model import ModelConfig, load_trainer_model, require_model_path
 
@@ -140,32 +158,66 @@ class TrlRun:
 
 
 def main(cfg: TrlGRPOConfig) -> TrlRun:
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    callback = RLSyncCallback(cfg.rlsync)  # first: fails fast on an unsupported trl
     require_model_path(cfg.model)  # before the run directory is written
     _refuse_old_checkpoints(cfg.run)
     torch.manual_seed(cfg.run.seed)
-    with RunDir(cfg.run, cfg) as run:  # closed also when training raises
-        policy, _, tokenizer = load_trainer_model(cfg.model)
-        task = make_task(cfg.task, seed=cfg.run.seed, tokenizer=tokenizer)
-        trainer = GRPOTrainer(
-            model=policy,
-            reward_funcs=list(task.reward_funcs),  # trl passes them the dataset's other columns (`answer`)
-            args=GRPOConfig(**_grpo_args(cfg, run.path)),
-            train_dataset=Dataset.from_list(task.records(cfg.trl.num_prompts)),
-            processing_class=tokenizer,
-            peft_config=_peft_config(cfg.lora),
-            callbacks=[callback, _MetricsFile(run)],
-        )
-        trainer.train()
-        with command_console():  # rlsync's lines on the terminal
-            export_at_end(run)  # run.export: the final checkpoint as a Hugging Face checkpoint, LoRA merged
+    # closed also when training raises; vLLM's log to <run dir>/run.log, a summary at the end
+    with RunDir(cfg.run, cfg) as run, run_console(run, cfg.run):
+        trainer, callback = train(cfg, run)
+        export_at_end(run)  # run.export: the final checkpoint as a Hugging Face checkpoint, LoRA merged
     return TrlRun(path=run.path, trainer=trainer, callback=callback)
 
 
-def _grpo_args(cfg: TrlGRPOConfig, run_path: Path) -> dict[str, Any]:
+def train(cfg: TrlGRPOConfig, run: RunDir) -> tuple[Any, RLSyncCallback]:
+    """Build trl's trainer around rlsync's engine and train it, logging into `run`."""
+    from datasets import Dataset
+
+    GRPOConfig, GRPOTrainer = _import_trl()
+    callback = RLSyncCallback(cfg.rlsync)  # fails on an unsupported trl, before a model is loaded
+    policy, _, tokenizer = load_trainer_model(cfg.model)
+    task = make_task(cfg.task, seed=cfg.run.seed, tokenizer=tokenizer)
+    who = TrackerRun(path=run.path, project=cfg.run.project, name=cfg.run.name, config=to_dict(cfg))
+    with _deepspeed_accelerator_named(), trl_reporting(cfg.run.report_to, who) as reporting:
+        trainer = GRPOTrainer(
+            model=policy,
+            reward_funcs=list(task.reward_funcs),  # trl passes them the dataset's other columns (`answer`)
+            args=GRPOConfig(**_grpo_args(cfg, run.path, reporting.args)),
+            train_dataset=Dataset.from_list(task.records(cfg.trl.num_prompts)),
+            processing_class=tokenizer,
+            peft_config=_peft_config(cfg.lora),
+            callbacks=[callback, _MetricsFile(run), _StepBar(enabled=cfg.run.progress), *reporting.callbacks],
+        )
+        _StepBar.replace_transformers_output(trainer)
+        trainer.train()
+    return trainer, callback
+
+
+def _import_trl():
+    """trl's `GRPOConfig` and `GRPOTrainer`, imported with the run's stderr routing (see the module docstring)."""
+    level = os.environ.get("VLLM_LOGGING_LEVEL")
+    with native_output_to_log():  # to run.log unless run.verbose
+        from trl import GRPOConfig, GRPOTrainer
+    if level is None:  # trl._compat set it (to ERROR) for its own vLLM engine, which rlsync replaces
+        os.environ.pop("VLLM_LOGGING_LEVEL", None)
+    return GRPOConfig, GRPOTrainer
+
+
+@contextlib.contextmanager
+def _deepspeed_accelerator_named() -> Iterator[None]:
+    """Without CUDA, `DS_ACCELERATOR=cpu` while transformers' trainer runs: where DeepSpeed is installed the
+    trainer imports it, and DeepSpeed's accelerator detection, falling back to the CPU, says so with a WARNING on
+    stdout; named, it takes the same accelerator silently. An explicit DS_ACCELERATOR is kept."""
+    if torch.cuda.is_available() or "DS_ACCELERATOR" in os.environ:
+        yield
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        yield
+    finally:
+        os.environ.pop("DS_ACCELERATOR", None)
+
+
+def _grpo_args(cfg: TrlGRPOConfig, run_path: Path, reporting: dict[str, Any]) -> dict[str, Any]:
     args = {f.name: getattr(cfg.trl, f.name) for f in dataclasses.fields(cfg.trl)}
     del args["num_prompts"], args["extra_args"]
     on_cpu = not torch.cuda.is_available()
@@ -177,7 +229,7 @@ def _grpo_args(cfg: TrlGRPOConfig, run_path: Path) -> dict[str, Any]:
         "seed": cfg.run.seed,
         "use_cpu": on_cpu,
         "bf16": not on_cpu,  # trl's default mixed precision needs a GPU
-        "report_to": [],
+        **reporting,  # report_to, run_name, project (rlsync.rl.tracking.trl_reporting)
         **_save_args(cfg.run),
         **cfg.trl.extra_args,
     }
@@ -218,3 +270,41 @@ class _MetricsFile(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.run.log(state.global_step, {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+
+
+class _StepBar(TrainerCallback):
+    """rlsync's step bar (reward and sync seconds after each logged step), in place of transformers' bar, which
+    also prints every log record as a dict."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+
+    @staticmethod
+    def replace_transformers_output(trainer) -> None:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="trl_grpo", unit="step",
+                            disable=not self.enabled)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if self.bar is not None and "reward" in logs:
+            postfix = {"reward": f"{logs['reward']:.3f}"}
+            if "sync/seconds" in logs:
+                postfix["sync_s"] = f"{logs['sync/seconds']:.3f}"
+            self.bar.set_postfix(postfix)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

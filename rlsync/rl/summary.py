@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rlsync.rl import checkpoint
-from rlsync.rl.export import EXPORT_DIR, export_info
+from rlsync.rl.export import EXPORT_DIR, export_info, trl_checkpoints
 from rlsync.rl.run import read_metrics
 
 SUCCESS_KEY = "success"
@@ -68,7 +68,7 @@ class RunSummary:
     records: list[dict[str, Any]]
     """Every line of `metrics.jsonl`."""
     checkpoints: list[Path]
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first (rlsync's, or the trl recipe's transformers checkpoints)."""
     session_seconds: float | None = None
     """How long the command that produced this summary ran (not in `metrics.jsonl`); None to leave it out."""
     exported: Path | None = None
@@ -81,8 +81,9 @@ class RunSummary:
         records = read_metrics(path) if (path / "metrics.jsonl").exists() else []
         if exported is None and export_info(path / EXPORT_DIR) is not None:
             exported = path / EXPORT_DIR
+        checkpoints = checkpoint.complete_checkpoints(checkpoint.checkpoint_dir(path)) or trl_checkpoints(path)
         return cls(path=path, records=records, session_seconds=session_seconds, exported=exported,
-                   checkpoints=checkpoint.complete_checkpoints(checkpoint.checkpoint_dir(path)))
+                   checkpoints=checkpoints)
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, text) pairs, in the order printed."""
@@ -90,8 +91,8 @@ class RunSummary:
         if not records:
             rows = [("steps", "none logged")]
         else:
-            steps = [r["step"] for r in records]
-            rows = [("steps", f"{len(records)} (steps {steps[0]}-{steps[-1]})")]
+            steps = sorted({r["step"] for r in records})  # trl adds an end-of-training record at the last step
+            rows = [("steps", f"{len(steps)} (steps {steps[0]}-{steps[-1]})")]
             for label, key in (("reward", "reward"), ("success", SUCCESS_KEY)):
                 series = Series.of(records, key)
                 if series is not None:

@@ -2,13 +2,18 @@
 
 Real trl 1.16 and vLLM's CPU build. Every sync runs with verify, which proves
 bit for bit that the engine's kernel tensors are the reference FP8
-quantization of the trainer's weights at that step.
+quantization of the trainer's weights at that step. The recipe's run also
+checks its terminal (rlsync's bar and summary, vLLM's log in run.log) and its
+trackers (trl's reporters, under the names rlsync's recipes use).
 """
 
 import copy
 import math
+import os
+import re
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,6 +22,7 @@ from rlsync.cli import load_recipe_config
 from rlsync.engine.verify import verify_groups
 from rlsync.errors import ConfigError, EngineNotReady, SyncError
 from rlsync.rl.export import checkpoint_tensors, compare_tensors, export_info, trl_checkpoints
+from rlsync.rl.plot import figure
 from rlsync.rl.run import read_metrics
 from rlsync.rl.trainer_model import load_trainer_model
 from rlsync.source import ModuleSource, group_key
@@ -28,6 +34,7 @@ SMALL = [  # 2 prompts x 4 completions of 8 tokens per step: seconds per step on
     "trl.num_prompts=32", "trl.learning_rate=0.001", "rlsync.verify_every=1",
 ]
 from tests.integration.trl_support import offline_and_restore_env, tiny_trainer  # noqa: F401 (autouse fixture)
+from tests.unit.tracking_support import tensorboard_scalars, trackio_logs, wandb_history, wandb_offline_runs
 
 
 def _num_layer_groups(names):
@@ -87,16 +94,60 @@ def test_config_options_are_checked():
         load_recipe_config(CONFIG, ["trl.per_device_train_batch_size=12", "trl.num_generations=8"])
 
 
-def test_grpo_recipe_fp8_verified_every_step(tmp_path, monkeypatch):
+def test_grpo_recipe_fp8_verified_every_step(tmp_path, monkeypatch, capfd):
     loads = _count_loads(monkeypatch)
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)  # as in a user's shell, not left by earlier trl imports
+    project = f"rlsync-test-{tmp_path.name}"
     module, cfg = load_recipe_config(
         CONFIG, SMALL + ["trl.max_steps=3", f"run.output_dir={tmp_path}", "run.name=t", "run.checkpoint_every=2",
-                         "run.export=true"]
+                         "run.export=true", "run.report_to=[tensorboard, wandb, trackio]", f"run.project={project}",
+                         # max_num_seqs (8) x max_model_len >= trl's max_num_batched_tokens (4096), as in the
+                         # shipped config; below it vLLM warns
+                         "trl.vllm_max_model_length=512"]
     )
     initial = dict(load_trainer_model(cfg.model)[0].named_parameters())
+    capfd.readouterr()
     run = module.main(cfg)
+    terminal = capfd.readouterr()
     trainer, callback = run.trainer, run.callback
     engine = callback.engine
+
+    # the terminal is rlsync's: its step bar and summary; vLLM's log (at INFO, not the ERROR trl's import sets) is
+    # in run.log; no WARNING line, no printed log dict
+    text = terminal.out + terminal.err
+    # ... except wandb's own, when transformers' reporter asks the offline run for its URL
+    text = text.replace("wandb: WARNING URL not available in offline run", "")
+    assert not [line for line in text.splitlines() if "WARNING" in line], text[-3000:]
+    assert "{'loss'" not in text and "trl_grpo: 100%" in terminal.err
+    summary = terminal.err[terminal.err.index("rlsync: run summary: "):]
+    assert re.search(r"^  steps +3 \(steps 1-3\)$", summary, re.M), summary
+    assert re.search(r"^  verified +3/3 syncs verified", summary, re.M), summary
+    assert re.search(r"^  checkpoints +\S+/trl/checkpoint-3 \(and checkpoint-2\)$", summary, re.M), summary
+    assert re.search(r"^  mismatch +logprob_mismatch ", summary, re.M), summary
+    assert re.search(rf"^  exported +{re.escape(str(run.path / 'export'))} \(step 3\)$", summary, re.M), summary
+    log = (run.path / "run.log").read_text()
+    assert " INFO vllm." in log  # (trl's import warnings reach pytest's warning capture here, not stderr)
+    assert "VLLM_LOGGING_LEVEL" not in os.environ
+
+    # the trackers got trl's log through trl's reporters, under train/<name>, rlsync's names included
+    per_step = [m for m in read_metrics(run.path) if "reward" in m]
+    shared = ("reward", "loss", "grad_norm", "logprob_mismatch", "step_seconds", "sync/seconds", "sync/verified")
+    for m in per_step:
+        assert m["logprob_mismatch"] == m["sampling/sampling_logp_difference/mean"]
+        assert m["step_seconds"] == m["step_time"]
+    (wandb_file,) = wandb_offline_runs(run.path)
+    for rows in (wandb_history(wandb_file), trackio_logs(project, "t")):
+        rows = [row for row in rows if "train/reward" in row]
+        assert [row["train/global_step"] for row in rows] == [1, 2, 3]
+        for row, m in zip(rows, per_step):
+            assert {k: row[f"train/{k}"] for k in shared} == {k: m[k] for k in shared}
+    scalars = tensorboard_scalars(run.path / "tensorboard")
+    assert [step for step, _ in scalars["train/logprob_mismatch"]] == [1, 2, 3]
+    # and its plot draws the mismatch and rings the three verified syncs
+    fig = figure(read_metrics(run.path), title="t")
+    assert [line.get_label() for line in fig.axes[1].get_lines()] == ["logprob_mismatch"]
+    assert fig.axes[2].collections[0].get_offsets()[:, 0].tolist() == [1, 2, 3]
+    plt.close(fig)
 
     # trl syncs before each step's rollout: steps 0, 1, 2, each verified bit for bit
     assert [(r.step, r.verified) for r in callback.reports] == [(0, True), (1, True), (2, True)]
