@@ -176,6 +176,7 @@ def train(cfg: TrlGRPOConfig, run: RunDir) -> tuple[Any, RLSyncCallback]:
     callback = RLSyncCallback(cfg.rlsync)  # fails on an unsupported trl, before a model is loaded
     policy, _, tokenizer = load_trainer_model(cfg.model)
     task = make_task(cfg.task, seed=cfg.run.seed, tokenizer=tokenizer)
+    callback.metric_names.update(success_metric(task))
     who = TrackerRun(path=run.path, project=cfg.run.project, name=cfg.run.name, config=to_dict(cfg))
     with _deepspeed_accelerator_named(), trl_reporting(cfg.run.report_to, who) as reporting:
         trainer = GRPOTrainer(
@@ -200,6 +201,13 @@ def _import_trl():
     if level is None:  # trl._compat set it (to ERROR) for its own vLLM engine, which rlsync replaces
         os.environ.pop("VLLM_LOGGING_LEVEL", None)
     return GRPOConfig, GRPOTrainer
+
+
+def success_metric(task) -> dict[str, str]:
+    """`success` (rlsync's name for the fraction right) -> trl's name for the same mean, for a task whose success
+    check is one of its rewards (trl logs each reward function's mean as `rewards/<name>/mean`); else nothing."""
+    success = task.spec.success
+    return {"success": f"rewards/{success.__name__}/mean"} if success in task.reward_funcs else {}
 
 
 @contextlib.contextmanager

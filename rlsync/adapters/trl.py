@@ -22,8 +22,9 @@ module replaces exactly these attributes, and nothing else:
    the SyncReport metrics recorded since the last log are appended to the
    trainer's `_metrics` before trl averages them, so they reach
    `state.log_history` and every reporter like trl's own metrics; so do the
-   trl metrics rlsync's own recipes log under another name (`RLSYNC_NAMES`:
-   the same values again, under rlsync's name). A class attribute because a
+   trl metrics the host wants under another name too (`Host.metric_names`,
+   by default `RLSYNC_NAMES`: the same values again, under rlsync's name). A
+   class attribute because a
    callback never receives the trainer object; trainers without an rlsync
    engine pass straight through.
 
@@ -68,6 +69,8 @@ class Host(Protocol):
     """What an `RLSyncCallback` provides to the replaced trl methods."""
 
     engine: Any
+    metric_names: dict[str, str]
+    """Another name -> trl's name of a metric trl logs: logged again under the other name."""
 
     def build_engine(self, settings: "TrlVLLMSettings") -> Any: ...
     def sync(self, model: Any) -> Any: ...
@@ -245,7 +248,7 @@ def _wrap_log(original):
                 for key, value in metrics.items():
                     trainer._metrics[mode][key].append(value)
             window = trainer._metrics[mode]
-            for ours, theirs in RLSYNC_NAMES.items():
+            for ours, theirs in host.metric_names.items():
                 if theirs in window:
                     window[ours] = list(window[theirs])
         return original(trainer, logs, start_time)

@@ -16,7 +16,7 @@ quantizing on arrival. Each sync's `SyncReport` goes through trl's own
 metrics, so `sync/seconds`, `sync/gbps`, `sync/groups`, ... appear in
 `trainer.state.log_history` and every configured reporter, with two of trl's
 own metrics also under the names rlsync's recipes give them
-(`logprob_mismatch`, `step_seconds`; `rlsync.adapters.trl.RLSYNC_NAMES`).
+(`logprob_mismatch`, `step_seconds`; `RLSyncCallback.metric_names`).
 
 Sleep mode (`vllm_enable_sleep_mode=True`) keeps trl's memory schedule: the
 engine sleeps at level 2 (weights and KV cache released) while the trainer
@@ -114,7 +114,9 @@ class RLSyncCallback(TrainerCallback):
 
     Pass it in `callbacks=[...]` when constructing the trainer (it must be
     there before trl builds its vLLM engine). `engine` is the `VLLMEngine`
-    once the trainer is built; `reports` holds every sync's `SyncReport`.
+    once the trainer is built; `reports` holds every sync's `SyncReport`;
+    `metric_names` maps a name to a metric trl logs, which is then logged
+    under that name too (rlsync's names by default; add to it before training).
     """
 
     def __init__(self, config: RLSyncConfig | None = None, **kwargs: Any) -> None:
@@ -125,6 +127,7 @@ class RLSyncCallback(TrainerCallback):
         trl_adapter.install()
         self.engine: VLLMEngine | None = None
         self.reports: list[SyncReport] = []
+        self.metric_names: dict[str, str] = dict(trl_adapter.RLSYNC_NAMES)
         self._pending: list[dict[str, float]] = []
         self._state = None  # the trainer's TrainerState (global_step), replaced by train()
         self._claimed = None
