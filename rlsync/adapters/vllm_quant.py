@@ -84,7 +84,7 @@ def expert_problems(layer: torch.nn.Module) -> list[str]:
 
     rlsync's experts compute gated SiLU experts (`silu(x W1^T) * (x W3^T)`,
     then `W2`), without biases, expert parallelism or router weights applied to
-    the input, at tensor parallel size 1.
+    the input, without expert parallelism.
     """
     moe = layer.moe_config
     problems = []
@@ -94,9 +94,8 @@ def expert_problems(layer: torch.nn.Module) -> list[str]:
         problems.append("expert biases")
     if getattr(layer, "apply_router_weight_on_input", False):
         problems.append("router weights applied to the input")
-    if moe.moe_parallel_config.tp_size != 1 or moe.moe_parallel_config.use_ep:
-        problems.append(f"tensor parallel {moe.moe_parallel_config.tp_size} / expert parallel "
-                        f"{moe.moe_parallel_config.use_ep}; only 1 / off")
+    if moe.moe_parallel_config.use_ep:
+        problems.append("expert parallelism; only tensor parallelism (every rank holds every expert's part)")
     if moe.num_experts != moe.num_local_experts:
         problems.append(f"{moe.num_experts} global vs {moe.num_local_experts} local experts (redundant or sharded)")
     return problems

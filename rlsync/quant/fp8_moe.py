@@ -29,7 +29,7 @@ applied to each expert alone. This module holds that math, free of vLLM:
 Limitations:
 1. Gated SiLU experts without biases (Qwen-MoE, Mixtral, DeepSeek-style
    routed experts); other activations are refused by the plugin.
-2. Tensor parallel size 1, no expert parallelism (each expert arrives whole).
+2. No expert parallelism (every rank holds every expert; under tensor parallelism, its part of each).
 3. The forward loops over the experts that received tokens: one matmul pair
    per active expert per call, not a grouped GEMM.
 """

@@ -30,9 +30,14 @@ The router gate (`GateLinear`, and Qwen2-MoE's `shared_expert_gate`) stays in
 the engine dtype in every scheme (`RLSyncFp8Config.get_quant_method`); shared
 experts are ordinary linears and are quantized like any other.
 
+Tensor parallelism: each rank holds every expert's part of the intermediate
+size (gate / up rows, down columns), quantizes that part on arrival from the
+full checkpoint tensors (`rlsync.adapters.vllm_tp.local_expert_shard`), and
+computes partial outputs that vLLM's MoE runner all-reduces after `apply`.
+
 Limitations (refused with `ConfigError` at engine build, naming the layer):
 gated SiLU experts only, no expert biases, no router weights on the input,
-tensor parallel size 1 and no expert parallelism (see `fp8_moe`).
+no expert parallelism (see `fp8_moe`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from typing import Any
 import torch
 
 from rlsync.adapters import vllm_quant as vq
+from rlsync.adapters import vllm_tp
 from rlsync.errors import ConfigError
 from rlsync.quant.fp8_linear import Fp8Config, PendingRows, empty_kernel
 from rlsync.quant.fp8_moe import (
@@ -120,9 +126,11 @@ class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
             if name not in self.building:
                 raise RuntimeError(f"rlsync_fp8: an expert shard arrived for already processed {name}")
             q, scale = self.building[name]
+            owner = layer_ref()
+            part = vllm_tp.local_expert_shard(owner, loaded_weight, shard_id)  # this rank's part under TP
             quantize_expert_shard_into(self.config, q, scale, self.shapes.widths(name), int(expert_id), shard_id,
-                                       loaded_weight, layer_ref().orig_dtype, pending=self.pending[name])
-            self.arrived[name] += loaded_weight.numel()
+                                       part, owner.orig_dtype, pending=self.pending[name])
+            self.arrived[name] += part.numel()
             return True if return_success else None
 
         return rlsync_expert_build_loader
@@ -164,8 +172,9 @@ class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
                                          shard_id: str, expert_id: int, return_success: bool = False) -> bool | None:
             """One expert's gate (`w1`), up (`w3`) or down (`w2`) projection, quantized into its rows."""
             owner = layer_ref()
+            part = vllm_tp.local_expert_shard(owner, loaded_weight, shard_id)  # this rank's part under TP
             quantize_expert_shard_into(config, param.data, getattr(owner, f"{name}_scale").data, widths, int(expert_id),
-                                       shard_id, loaded_weight, owner.orig_dtype, pending=pending)
+                                       shard_id, part, owner.orig_dtype, pending=pending)
             return True if return_success else None
 
         def rlsync_batch(param: torch.Tensor, items: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
@@ -175,9 +184,11 @@ class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
 
             def flush() -> None:
                 if run:
+                    shard_id = run[0][1]["shard_id"]
                     quantize_expert_shards_into(config, param.data, getattr(owner, f"{name}_scale").data, widths,
-                                                run[0][1]["shard_id"], [int(a["expert_id"]) for _, a in run],
-                                                [t for t, _ in run], owner.orig_dtype, pending=pending)
+                                                shard_id, [int(a["expert_id"]) for _, a in run],
+                                                [vllm_tp.local_expert_shard(owner, t, shard_id) for t, _ in run],
+                                                owner.orig_dtype, pending=pending)
                     run.clear()
 
             for loaded, named in items:

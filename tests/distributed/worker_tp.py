@@ -1,10 +1,14 @@
 """torchrun worker: one vLLM engine with tensor parallel size 2 spanning both ranks, synced and verified.
 
 Each case (model, engine config) builds an engine with `tensor_parallel_size=2`
-(vLLM's `external_launcher`: rank r holds shard r), then, twice: perturbs an
-fp32 trainer copy (same seed on both ranks), syncs it with `verify=True` (each
-rank compares its kernel tensors with the reference of its own shard, bit for
-bit), and scores fixed sequences. The second sync must replay the sync plan.
+(vLLM's `external_launcher`: rank r holds shard r), then syncs twice with
+`verify=True` (each rank compares its kernel tensors with the reference of its
+own shard, bit for bit) and scores fixed sequences: first a perturbed fp32
+trainer (same seed on both ranks), then the checkpoint's own weights. The
+second sync must replay the sync plan. (MoE: a perturbed router can flip a
+near-tie expert choice between the bf16 engine and the fp32 reference, one
+token in 92 at TP 1 and TP 2 alike, so MoE log-probs are compared on the
+checkpoint's own weights, where no choice is that close.)
 
 References for the log-probs, the tolerances of the one-process tests:
 - bf16: the trainer itself, within 0.02 (tests/integration/test_engine_sync.py);
@@ -80,6 +84,13 @@ def tp_fake_quantized(trainer, scheme: str):
                 column(list(kids["qkv_proj"].weight.split([q, kv, kv])))
             if "gate_up_proj" in kids and kids["gate_up_proj"].weight.dim() == 2:
                 column(list(kids["gate_up_proj"].weight.chunk(2, 0)))
+            gate_up = module._parameters.get("gate_up_proj")
+            if gate_up is not None and gate_up.dim() == 3:  # transformers 5 fused experts (E, 2I, H), (E, H, I)
+                for e in range(gate_up.shape[0]):
+                    column(list(gate_up[e].chunk(2, 0)))
+                    for r in range(TP):
+                        part = module.down_proj[e].chunk(TP, 1)[r]
+                        part.copy_(fake_quantized_weight(cfg, part, [part.shape[0]]))
             for k in ROW:
                 if k in kids:
                     w = kids[k].weight
@@ -110,11 +121,12 @@ def run_case(path: str, family: str, config: str) -> dict:
     t0 = time.perf_counter()
     engine = VLLMEngine(path, tensor_parallel_size=TP, max_model_len=64, **engine_kwargs(config))
     build_s = time.perf_counter() - t0
-    trainer = load_model(path)
     out = {"case": f"{family}:{config}", "tp_rank": engine.tp_rank, "tp_size": engine.tp_size, "build_s": build_s,
            "syncs": []}
     for step in (1, 2):
-        perturb(trainer, 0.02, seed=step)
+        trainer = load_model(path)
+        if step == 1:
+            perturb(trainer, 0.02, seed=step)  # step 2 syncs the checkpoint's own weights back
         report = engine.sync(trainer, step, verify=True)
         diff = max_diff(engine.score(SEQS), hf_logprobs(reference(trainer, config)))
         out["syncs"].append({"step": step, "verified": report.verified, "num_verified": report.num_verified,
