@@ -58,10 +58,11 @@ def launch_problem(k: int, world: int | None, sizes: dict[str, int]) -> str | No
     these `sizes` (`model_parallel_sizes`); None when they can."""
     if k == 1:
         return None
-    if world is None:
-        return (f"a tensor-parallel engine spans {k} processes. Start them with a launcher (e.g. "
-                f"`torchrun --nproc_per_node {k} ...`, or deepspeed) and initialize torch.distributed before building "
-                "the engine (the recipes do); a single process cannot run it")
+    if world is None or world < k:
+        found = "no torch.distributed" if world is None else f"a world of {world} rank(s)"
+        return (f"a tensor-parallel engine spans {k} processes, and this process has {found}. Start them with a "
+                f"launcher (e.g. `torchrun --nproc_per_node {k} ...`, or deepspeed) and initialize torch.distributed "
+                "before building the engine (the recipes do)")
     if world % k:
         return f"the world of {world} ranks does not split into groups of {k} (world = data-parallel groups x {k})"
     for name, what in _DIVISIBLE:

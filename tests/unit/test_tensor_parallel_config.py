@@ -24,7 +24,8 @@ def test_a_fitting_launch_has_no_problem():
 
 
 @pytest.mark.parametrize("k, world, sizes, message", [
-    (2, None, SIZES, "a tensor-parallel engine spans 2 processes. Start them with a launcher"),
+    (2, None, SIZES, "a tensor-parallel engine spans 2 processes, and this process has no torch.distributed. Start"),
+    (2, 1, SIZES, "a tensor-parallel engine spans 2 processes, and this process has a world of 1 rank(s). Start"),
     (2, 3, SIZES, "the world of 3 ranks does not split into groups of 2"),
     (8, 8, SIZES, "the model's attention heads (num_attention_heads=4) do not divide by 8"),
     (2, 2, {**SIZES, "intermediate_size": 511}, "the model's MLP intermediate size (intermediate_size=511)"),
@@ -37,7 +38,7 @@ def test_each_bad_launch_is_named(k, world, sizes, message):
 
 def test_a_single_process_run_with_tp_is_refused_naming_the_key(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SIZES))
-    with pytest.raises(ConfigError, match=r"engine.tensor_parallel_size=2: a tensor-parallel engine spans 2 processes"):
+    with pytest.raises(ConfigError, match=r"engine.tensor_parallel_size=2: a tensor-parallel engine spans 2 processes, and this process has no"):
         check_launch(2, tmp_path)
     check_launch(1, tmp_path)  # nothing to check
 
