@@ -15,7 +15,8 @@ References for the log-probs, the tolerances of the one-process tests:
 - FP8: the trainer with every linear weight replaced by its FP8 dequantization
   *as the TP-2 engine stores it* (rank r quantizes its rows of column-parallel
   layers, fused as the engine fuses them, and its columns of row-parallel
-  layers), within 0.03 (tests/integration/test_family_matrix.py).
+  layers), within 0.03 (tests/integration/test_family_matrix.py); vLLM's fp8_per_channel
+  (W8A8: activations quantized too) within 0.1 (tests/integration/test_engine_sync.py).
 
 Then the fail-closed case (last engine): rank 1 alone receives a NaN. Both
 ranks must end FAILED (rank 0's own sync succeeded), both refuse to generate,
@@ -41,7 +42,10 @@ from tests.distributed.common import load_model, log, main_guard, write_result  
 from tests.integration.support import SEQS, dequantized_trainer, fake_quantized_weight, hf_logprobs, perturb  # noqa: E402
 
 TP = 2
-TOL = {"bf16": 0.02, "fp8_per_channel": 0.03, "tensor": 0.03, "channel": 0.03, "block": 0.03}
+TOL = {"bf16": 0.02, "fp8_per_channel": 0.1, "tensor": 0.03, "channel": 0.03, "block": 0.03}
+"""bf16: tests/integration/test_engine_sync.py; rlsync_fp8 (weight-only, emulated): test_family_matrix.py;
+vLLM's fp8_per_channel also quantizes activations per token (W8A8), which the weight-only reference leaves
+out: test_engine_sync.py's 0.1 for that method."""
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
 
