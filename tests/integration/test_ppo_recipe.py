@@ -47,10 +47,9 @@ def test_ppo_reward_rises_and_value_error_falls(tmp_path):
     fig = figure(records, title="t")
     panels = {ax.get_title(): ax for ax in fig.axes}
     plt.close(fig)
-    assert list(panels) == ["reward", "KL / mismatch", "sync seconds (log scale: the first sync compiles)",
-                            "value head (PPO)"]
+    assert list(panels) == ["reward", "KL / mismatch", "sync seconds (log scale)", "value head (PPO)"]
     assert [line.get_label() for line in panels["value head (PPO)"].get_lines()] == list(VALUE_KEYS)
-    (rings,) = panels["sync seconds (log scale: the first sync compiles)"].collections
+    (rings,) = panels["sync seconds (log scale)"].collections
     assert rings.get_offsets()[:, 0].tolist() == [12, 24]
     # run.export: the final policy (not the value head) in the base checkpoint's format
     assert export_info(run / "export")["step"] == 24

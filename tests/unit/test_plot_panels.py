@@ -12,7 +12,7 @@ from rlsync.rl.plot import VALUE_KEYS, figure
 from rlsync.rl.summary import MISMATCH_KEYS
 
 TRL_MISMATCH = "sampling/sampling_logp_difference/mean"
-SYNC_TITLE = "sync seconds (log scale: the first sync compiles)"
+SYNC_TITLE = "sync seconds (log scale)"
 STEPS = 6
 
 
