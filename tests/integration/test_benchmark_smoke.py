@@ -7,7 +7,10 @@ and the figures are real measurements (positive times, bytes equal to the
 checkpoint's). Timings themselves are not asserted: this machine is shared.
 """
 
+import copy
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +82,59 @@ def test_sync_benchmark_moe_quick(tmp_path):
     assert e32["num_tensors"] - e8["num_tensors"] == spec["num_hidden_layers"] * 3 * (32 - 8)
     assert "**MoE main table**" in proc.stdout and "**MoE scaling**" in proc.stdout
     assert "| bf16 | rlsync | 32 x 32 |" in proc.stdout
+
+
+def _run_quick(script: str, out: Path) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def _benchmark_module(name: str):
+    """A benchmark script as a module (its table printer), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tp_benchmark_quick(tmp_path):
+    """`tp.py --quick`: one TP-2 engine of the tiny model over two torchrun ranks; each rank received the full
+    tensors, replayed its sync plan, verified its own shard and holds about half the model."""
+    result, table = _run_quick("tp.py", tmp_path / "tp.json")
+    (record,) = result["records"]
+    assert (record["quant"], record["tp"], record["status"]) == ("bf16", 2, "ok"), record.get("error")
+    assert [(k["tp_rank"], k["tp_size"]) for k in record["ranks"]] == [(0, 2), (1, 2)]
+    full = result["facts"]["num_bytes"]
+    for k in record["ranks"]:
+        assert k["received_bytes"] == full
+        assert full / 2 <= k["engine_bytes"] < 0.6 * full  # its half, plus replicated norms
+        assert len(k["times_s"]) == 2 and all(t > 0 for t in k["times_s"]) and all(k["planned"][1:])
+        assert k["verify"].startswith("ok") and k["shard_floor_s"] > 0 and k["full_read_floor_s"] > 0
+    assert "| bf16 | 2 |" in table
+    # The printer's TP 2 / TP 1 column, on this record and a TP-1 one twice as slow (the smoke skips that launch).
+    tp1 = copy.deepcopy(record)
+    tp1["tp"] = 1
+    for k in tp1["ranks"]:
+        k["times_s"] = [2 * t for t in k["times_s"]]
+    result["records"].insert(0, tp1)
+    assert re.search(r"\| bf16 \| 2 \|( [^|]+ \|){7} 0\.50 \|", _benchmark_module("tp").format_table(result))
+
+
+def test_build_memory_benchmark_quick(tmp_path):
+    """`build_memory.py --quick`: an `rlsync_fp8` build of the tiny model in its own process; the plugin built
+    every layer on arrival, and the engine holds fewer bytes than the bf16 checkpoint."""
+    result, table = _run_quick("build_memory.py", tmp_path / "mem.json")
+    (record,) = result["records"]
+    assert (record["quant"], record["status"]) == ("rlsync_fp8/channel", "ok"), record.get("error")
+    assert record["built_on_arrival"] == record["num_plugin_layers"] > 0
+    assert record["engine_bytes"] < result["facts"]["num_bytes"]
+    assert record["num_samples"] > 0 and record["load_s"] > 0 and record["build_peak_rss_bytes"] > 0
+    assert f"| {record['num_plugin_layers']} / {record['num_plugin_layers']} |" in table
+    # The printer's ratios, on this record and a bf16 one with twice its peaks (the smoke skips that build).
+    peaks = ("load_peak_anon_bytes", "load_peak_rss_bytes", "build_peak_anon_bytes", "build_peak_rss_bytes")
+    record.update({key: 2**20 for key in peaks})
+    result["records"].insert(0, {**record, "quant": "bf16", "num_plugin_layers": 0, **{key: 2**21 for key in peaks}})
+    assert "- rlsync_fp8/channel / bf16: load peak anon 0.50" in _benchmark_module("build_memory").format_table(result)
