@@ -97,7 +97,9 @@ def run_model(cfg: Any, path: str, cells: list[tuple[list[str], dict[str, Any]]]
     start = time.perf_counter()
     records = []
     for cmd, identity in cells:
+        load = os.getloadavg()[0]
         records.append(run_child(cmd, {**os.environ, **SINGLE_THREAD_ENV}, cfg.timeout_s, **identity))
+        records[-1]["load_1min"] = [load, os.getloadavg()[0]]  # before / after this cell: was the machine busy?
         print(progress(records[-1]), file=sys.stderr, flush=True)
     env["load_after"] = load_average()
     env["wall_s"] = time.perf_counter() - start

@@ -27,7 +27,10 @@ Linux only (`/proc/self`). Two windows:
 RSS also counts the checkpoint's file pages that the safetensors loader maps
 (up to the checkpoint's size, in every build, and not memory the engine
 holds), hence the anonymous figure beside it. `held` is the anonymous memory
-the load left behind (the model as built). Expected weight sizes: bf16 2 B
+the load (the build) left behind; after the build the child calls glibc's
+`malloc_trim(0)`, which returns freed heap pages to the system, so the build's
+held figure after it is what the engine really keeps (the difference: freed
+memory the allocator had kept). Expected weight sizes: bf16 2 B
 per parameter; FP8 1 B per linear projection weight element plus its scales,
 2 B for the rest (embeddings, norms, the LM head); `engine MiB` sums the
 built engine's parameters. `built on arrival` counts the `rlsync_fp8` layers
@@ -38,15 +41,20 @@ bf16 weight.
 Limitations:
 1. Sampled anonymous memory can miss a spike shorter than the period; `VmHWM`
    cannot, but it includes file pages.
-2. CPU only: `gpu_reload.py` measures a reload's device memory on a GPU.
-3. The allocator may keep freed pages (counted until returned); a build that
-   frees its bf16 weights after quantizing still shows them in the peak,
-   which is what the peak is for.
+2. CPU only. `gpu_reload.py` measures a reload's device memory on a GPU
+   (`max_memory_allocated`), not a build's: the GPU machine has no vLLM.
+3. The allocator may keep freed pages: they count in the peak (they were
+   used) and in the held figures until `malloc_trim`.
+4. The first `rlsync_fp8` load compiles the fused quantizer (Inductor; cached
+   on disk for later processes): its code and buffers are in the load's
+   figures, a few tens of MiB whatever the model's size (24 MiB on the tiny
+   model).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import gc
 import json
@@ -201,6 +209,8 @@ def child(model_path: str, quant: str) -> dict[str, Any]:
         end = time.perf_counter()
     w = window.facts
     hwm = max(w["hwm_before_bytes"], _status_kib("VmHWM") * KIB)
+    held = _status_kib("RssAnon") * KIB - anon_before
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back: what stays is what the process holds
     arrived, num_methods = built_on_arrival(engine.model)
     return {
         "quant": quant, "status": "ok", "build_s": build_s, "load_s": w["t_end"] - w["t_start"],
@@ -209,6 +219,7 @@ def child(model_path: str, quant: str) -> dict[str, Any]:
         "load_peak_rss_bytes": w["hwm_bytes"] - w["rss_start_bytes"],
         "load_peak_anon_bytes": sampler.peak(w["t_start"], w["t_end"]) - w["anon_start_bytes"],
         "load_held_anon_bytes": w["anon_end_bytes"] - w["anon_start_bytes"],
+        "build_held_anon_bytes": held, "build_trimmed_anon_bytes": _status_kib("RssAnon") * KIB - anon_before,
         "engine_bytes": sum(p.nbytes for p in engine.model.parameters()),
         "built_on_arrival": arrived, "num_plugin_layers": num_methods, "num_samples": len(sampler.samples),
     }
@@ -217,6 +228,13 @@ def child(model_path: str, quant: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ table
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
+
+
+def _held(record: dict[str, Any]) -> str:
+    """Anonymous memory the build left, before (after) `malloc_trim`; `-` in runs from before it was recorded."""
+    if "build_held_anon_bytes" not in record:
+        return "-"
+    return f"{_mib(record['build_held_anon_bytes'])} ({_mib(record['build_trimmed_anon_bytes'])})"
 
 
 def expected_bytes(facts: CheckpointFacts, quant: str) -> int:
@@ -237,17 +255,18 @@ def format_table(result: dict[str, Any]) -> str:
         "(model load: vLLM's `load_model`; whole build: from after `import vllm` to the built engine, KV cache included).",
         "",
         "| quant | load: peak RSS | load: peak anon | load: held anon | build: peak RSS | build: peak anon | "
-        "engine MiB | expected weights MiB | built on arrival | load s | build s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "build: held anon (after malloc_trim) | engine MiB | expected weights MiB | built on arrival | load s | build s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for quant, r in ((r["quant"], r) for r in result["records"]):
         if r["status"] != "ok":
-            lines.append(f"| {quant} | failed: {r['error']} | | | | | | | | | |")
+            lines.append(f"| {quant} | failed: {r['error']} | | | | | | | | | | |")
             continue
         arrival = f"{r['built_on_arrival']} / {r['num_plugin_layers']}" if r["num_plugin_layers"] else "-"
         lines.append(
             f"| {quant} | {_mib(r['load_peak_rss_bytes'])} | {_mib(r['load_peak_anon_bytes'])} | "
             f"{_mib(r['load_held_anon_bytes'])} | {_mib(r['build_peak_rss_bytes'])} | {_mib(r['build_peak_anon_bytes'])} | "
+            f"{_held(r)} | "
             f"{_mib(r['engine_bytes'])} | {_mib(expected_bytes(facts, quant))} | {arrival} | {r['load_s']:.1f} | "
             f"{r['build_s']:.1f} |"
         )

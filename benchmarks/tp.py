@@ -120,10 +120,14 @@ def run(cfg: TPBenchConfig) -> dict[str, Any]:
 
 
 def slowest(record: dict[str, Any]) -> dict[str, float]:
-    """Per sync the slowest rank's seconds: the median over the timed syncs, and the first."""
+    """Per sync the slowest rank's seconds, wall and process CPU: the medians over the timed syncs; the first sync's."""
     ranks = record["ranks"]
-    timed = [max(r["times_s"][i] for r in ranks) for i in range(len(ranks[0]["times_s"]))]
-    return {"median_s": statistics.median(timed), "first_s": max(r["first_s"] for r in ranks)}
+
+    def median_of_max(key: str) -> float:
+        return statistics.median(max(r[key][i] for r in ranks) for i in range(len(ranks[0][key])))
+
+    return {"median_s": median_of_max("times_s"), "cpu_median_s": median_of_max("cpu_times_s"),
+            "first_s": max(r["first_s"] for r in ranks)}
 
 
 def _progress(r: dict[str, Any]) -> str:
@@ -184,6 +188,11 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
+def _load(record: dict[str, Any]) -> str:
+    """The 1-minute load average before / after the cell (runs from before it was recorded: -)."""
+    return " / ".join(f"{x:.1f}" for x in record["load_1min"]) if "load_1min" in record else "-"
+
+
 def format_table(result: dict[str, Any]) -> str:
     facts = CheckpointFacts(**result["facts"])
     lines = [
@@ -191,28 +200,31 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         f"**{result['model']}** ({facts.num_params / 1e6:.1f}M parameters, {_mib(facts.num_bytes)} MiB bf16). "
         f"{NUM_RANKS} ranks under torchrun, one thread each; TP 1: two TP-1 engines (one per rank), TP 2: one engine "
-        "over both ranks. Seconds: the slowest rank's, median of the timed syncs. Floors: per rank, both ranks copying "
-        "at once (see the module docstring).",
+        "over both ranks. Seconds: the slowest rank's, median of the timed syncs (CPU s: that rank's process CPU time, "
+        "to which waiting for a busy core adds nothing). Floors: per rank, both ranks copying at once (see the module "
+        "docstring). `TP 2 / TP 1`: wall / CPU. `load`: the 1-minute load average before / after the cell.",
         "",
-        "| quant | TP | engine MiB / rank | received MiB / rank | median s | first s | x floor | x full-read floor "
-        "| floor ms (shard / full read) | TP 2 / TP 1 | planned | verify |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| quant | TP | engine MiB / rank | received MiB / rank | median s | CPU s | first s | x floor | x full-read floor "
+        "| floor ms (shard / full read) | TP 2 / TP 1 | planned | verify | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    tp1 = {r["quant"]: slowest(r)["median_s"] for r in result["records"] if r["status"] == "ok" and r["tp"] == 1}
+    tp1 = {r["quant"]: slowest(r) for r in result["records"] if r["status"] == "ok" and r["tp"] == 1}
     for r in result["records"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['quant']} | {r['tp']} | failed: {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['quant']} | {r['tp']} | failed: {r['error']} | | | | | | | | | | | |")
             continue
         s, ranks = slowest(r), r["ranks"]
         shard = max(k["shard_floor_s"] for k in ranks)
         full = max(k["full_read_floor_s"] for k in ranks)
-        ratio = f"{s['median_s'] / tp1[r['quant']]:.2f}" if r["tp"] != 1 and r["quant"] in tp1 else "-"
+        base = tp1.get(r["quant"]) if r["tp"] != 1 else None
+        ratio = f"{s['median_s'] / base['median_s']:.2f} / {s['cpu_median_s'] / base['cpu_median_s']:.2f}" if base else "-"
         replayed = "yes" if all(all(k["planned"][1:]) for k in ranks) else "no"
         verify = ", ".join(sorted({k.get("verify", "-") for k in ranks}))
         lines.append(
             f"| {r['quant']} | {r['tp']} | {_mib(max(k['engine_bytes'] for k in ranks))} | "
-            f"{_mib(ranks[0]['received_bytes'])} | {s['median_s']:.4f} | {s['first_s']:.4f} | {s['median_s'] / shard:.1f} | "
-            f"{s['median_s'] / full:.1f} | {shard * 1e3:.1f} / {full * 1e3:.1f} | {ratio} | {replayed} | {verify} |"
+            f"{_mib(ranks[0]['received_bytes'])} | {s['median_s']:.4f} | {s['cpu_median_s']:.4f} | {s['first_s']:.4f} | "
+            f"{s['median_s'] / shard:.1f} | "
+            f"{s['median_s'] / full:.1f} | {shard * 1e3:.1f} / {full * 1e3:.1f} | {ratio} | {replayed} | {verify} | {_load(r)} |"
         )
     return "\n".join(lines) + "\n"
 

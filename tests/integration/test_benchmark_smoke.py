@@ -118,9 +118,9 @@ def test_tp_benchmark_quick(tmp_path):
     tp1 = copy.deepcopy(record)
     tp1["tp"] = 1
     for k in tp1["ranks"]:
-        k["times_s"] = [2 * t for t in k["times_s"]]
+        k["times_s"], k["cpu_times_s"] = [2 * t for t in k["times_s"]], [4 * t for t in k["cpu_times_s"]]
     result["records"].insert(0, tp1)
-    assert re.search(r"\| bf16 \| 2 \|( [^|]+ \|){7} 0\.50 \|", _benchmark_module("tp").format_table(result))
+    assert re.search(r"\| bf16 \| 2 \|( [^|]+ \|){8} 0\.50 / 0\.25 \|", _benchmark_module("tp").format_table(result))
 
 
 def test_build_memory_benchmark_quick(tmp_path):
