@@ -56,7 +56,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _floor import CheckpointFacts, checkpoint_facts, copy_floor_s  # noqa: E402
-from _methods import METHODS, emit, run_child  # noqa: E402
+from _methods import METHODS, emit  # noqa: E402
+from _methods import run_child as measure_method  # noqa: E402
 from _moe import MOE_MODELS, PLAN, QUICK_PLAN, format_moe  # noqa: E402
 from _run import env_line, environment, load_average, run_child  # noqa: E402
 
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_tables(json.loads(Path(path).read_text())))
         return 0
     if cfg is None:
-        emit(run_child(args.model_path, args.quant, args.method, args.repeats, not args.no_verify))
+        emit(measure_method(args.model_path, args.quant, args.method, args.repeats, not args.no_verify))
         return 0
     result = run(cfg)
     print(_tables(result))
