@@ -65,21 +65,27 @@ def build_llm(model_path: str, **llm_kwargs: Any):
         return vllm.LLM(model_path, **{**llm_logging_kwargs(), **llm_kwargs})
 
 
+_TRAINER_GROUPS: set[int] = set()
+"""Ids of default process groups that existed before an engine was built (the trainer's, not vLLM's)."""
+
+
 def _keep_trainer_process_group() -> None:
-    """Make vLLM's engine teardown leave torch.distributed's default process group alone (idempotent).
+    """Make vLLM's engine teardown leave the trainer's torch.distributed default group alone (idempotent).
 
     Why: an in-process vLLM engine's shutdown (`EngineCore.shutdown` ->
     `cleanup_dist_env_and_memory`) ends with `torch.distributed.destroy_process_group()`.
-    A colocated engine shares that default group with the trainer (vLLM's
-    `external_launcher` builds its groups from it), so dropping the engine would
-    tear down the trainer's collectives mid-run, and no later engine could be
-    built under the same launcher. vLLM's own groups (world, TP, ...) are still
-    destroyed; only the default group, which the trainer created, is kept.
+    A colocated engine under a launcher shares that default group with the trainer (vLLM's
+    `external_launcher` builds its groups from it), so dropping the engine would tear down
+    the trainer's collectives mid-run, and no later engine could be built under the same
+    launcher. A default group that existed before the build is the trainer's and is kept;
+    one vLLM created itself (a one-process engine) is still destroyed with vLLM's own groups.
     """
+    import torch.distributed as dist
     from vllm.distributed import parallel_state as ps
 
-    original = ps.destroy_distributed_environment
-    if getattr(original, "rlsync_keeps_default_group", False):
+    if dist.is_available() and dist.is_initialized():
+        _TRAINER_GROUPS.add(id(dist.distributed_c10d._get_default_group()))
+    if getattr(ps.destroy_distributed_environment, "rlsync_keeps_default_group", False):
         return
 
     def destroy_distributed_environment() -> None:
@@ -87,6 +93,8 @@ def _keep_trainer_process_group() -> None:
             ps._WORLD.destroy()
         ps._WORLD = None
         ps._NODE_COUNT = None
+        if dist.is_initialized() and id(dist.distributed_c10d._get_default_group()) not in _TRAINER_GROUPS:
+            dist.destroy_process_group()  # vLLM created it
 
     destroy_distributed_environment.rlsync_keeps_default_group = True
     ps.destroy_distributed_environment = destroy_distributed_environment

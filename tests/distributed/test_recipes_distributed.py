@@ -182,18 +182,6 @@ def test_grpo_fsdp2_with_one_tensor_parallel_engine_learns(tmp_path):
         assert r["logprob_mismatch"] < 0.05, r  # the sharded FP8 engine samples what the trainer scores
 
 
-def test_ppo_fsdp2_with_one_tensor_parallel_engine(tmp_path):
-    """PPO (value head, GAE) on FSDP2 with one TP-2 FP8 engine; DDP runs are covered by the stepper test below."""
-    log, wall = run_recipe("torchrun", "configs/ppo/tiny_cpu_fp8.yaml",
-                           ["trainer.backend=fsdp2", "engine.tensor_parallel_size=2", "ppo.steps=2",
-                            "ppo.prompts_per_step=4"], tmp_path, timeout_s=300)
-    records = check_run(log, tmp_path, 2, engine_logs=1)
-    assert wall < 300
-    assert "tensor_parallel_size=2" in log
-    assert all(r["value_loss"] == r["value_loss"] for r in records)
-    assert all(r["sync/verified_tensors"] == r["sync/written_tensors"] == 25 for r in records)
-
-
 def test_stepper_matches_one_process_reference_torch(tiny_path, tmp_path):
     ranks = launch.torchrun("worker_stepper.py", [str(tiny_path), "ddp,fsdp1,fsdp2"], tmp_path, timeout_s=300)
     for rank in ranks:
