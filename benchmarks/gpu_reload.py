@@ -57,6 +57,8 @@ class GpuReloadConfig:
     """Model shape: `bench` (BENCH_SPEC), `1.5b` (Qwen2-1.5B dimensions) or `tiny`."""
     schemes: tuple[str, ...] = SCHEMES
     """`bf16` (swap path, no quantization) and the FP8 schemes (quantize on arrival)."""
+    plans: tuple[bool, ...] = (True, False)
+    """Sync plan on (the engine's default: the first reload records, later ones replay) and off."""
     repeats: int = 10
     """Timed reloads per scheme after one warm-up."""
     device: str = "cuda"
@@ -94,17 +96,14 @@ def copy_floor_s(nbytes: int, device: str, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def reload_once(model: torch.nn.Module, groups: list, device: str) -> tuple[float, int | None, int]:
-    """(seconds, peak extra allocated bytes or None on CPU, backend live-byte peak) of one full reload."""
-    from rlsync.reload import Reload
-
+def reload_once(session: Any, groups: list, device: str) -> tuple[float, int | None, int, bool | None]:
+    """(seconds, peak extra allocated bytes or None on CPU, backend live-byte peak, planned) of one full reload."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    session = Reload(model)
     session.begin()
     for group in groups:
         session.load(group)
@@ -112,34 +111,45 @@ def reload_once(model: torch.nn.Module, groups: list, device: str) -> tuple[floa
     _sync(device)
     seconds = time.perf_counter() - start
     extra = torch.cuda.max_memory_allocated() - before if cuda else None
-    return seconds, extra, session.peak_live_bytes
+    return seconds, extra, session.peak_live_bytes, session.planned
 
 
-def check_exact(model: torch.nn.Module, groups: list, fp8) -> int:
-    """Every quantized weight/scale (and bf16 weight) equals the reference bit for bit; returns the count."""
+def check_exact(model: torch.nn.Module, groups: list, fp8) -> tuple[int, list[str]]:
+    """Compare every quantized weight/scale (and bf16 weight) with the reference, bit for bit.
+
+    Returns (tensors compared, one line per tensor that differs: which, how many elements, which rows).
+    """
     from rlsync.quant.fp8_linear import quantize_full
 
     tensors = {n: t for g in groups for n, t in g}
-    checked = 0
+    checked, differ = 0, []
     for i, block in enumerate(model.layers):
         p = f"model.layers.{i}"
-        for module, names in (
-            (block.qkv_proj, [f"{p}.self_attn.{s}_proj.weight" for s in "qkv"]),
-            (block.gate_up_proj, [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"]),
-            (block.down_proj, [f"{p}.mlp.down_proj.weight"]),
+        for label, module, names in (
+            ("qkv_proj", block.qkv_proj, [f"{p}.self_attn.{s}_proj.weight" for s in "qkv"]),
+            ("o_proj", block.o_proj, [f"{p}.self_attn.o_proj.weight"]),
+            ("gate_up_proj", block.gate_up_proj, [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"]),
+            ("down_proj", block.down_proj, [f"{p}.mlp.down_proj.weight"]),
         ):
             full = torch.cat([tensors[n] for n in names])
             want = {"weight": full} if fp8 is None else dict(zip(("weight", "weight_scale"), quantize_full(fp8, full, module.widths)))
             for pname, w in want.items():
                 have = getattr(module, pname)
-                if have.dtype != w.dtype or not torch.equal(have.view(torch.uint8), w.contiguous().view(torch.uint8)):
-                    raise AssertionError(f"layers.{i}.{type(module).__name__}.{pname} differs from the reference")
                 checked += 1
-    return checked
+                same = have.dtype == w.dtype and have.shape == w.shape
+                diff = None if not same else (have.reshape(len(have), -1).view(torch.uint8)
+                                              != w.contiguous().reshape(len(w), -1).view(torch.uint8))
+                if diff is None or diff.any():
+                    rows = "" if diff is None else diff.any(dim=1).nonzero().flatten().tolist()
+                    differ.append(f"layers.{i}.{label}.{pname}: "
+                                  + ("dtype/shape" if diff is None else f"{int(diff.sum())} bytes in rows {rows[0]}..{rows[-1]} "
+                                     f"({len(rows)} of {len(w)})"))
+    return checked, differ
 
 
-def run_scheme(cfg: GpuReloadConfig, shape: ToyShape, scheme: str) -> dict[str, Any]:
+def run_scheme(cfg: GpuReloadConfig, shape: ToyShape, scheme: str, plan: bool) -> dict[str, Any]:
     from rlsync.quant.fp8_linear import Fp8Config
+    from rlsync.reload import Reload
 
     fp8 = None if scheme == "bf16" else Fp8Config(scheme=scheme)
     model = build(shape, fp8, cfg.device)
@@ -150,16 +160,20 @@ def run_scheme(cfg: GpuReloadConfig, shape: ToyShape, scheme: str) -> dict[str, 
     total = sum(t.numel() for g in groups for _, t in g)
     moved = 4 * total if fp8 is None else 3 * quantized + 4 * (total - quantized)
     floor = copy_floor_s(moved // 2, cfg.device)
-    runs = [reload_once(model, groups, cfg.device) for _ in range(cfg.repeats + 1)]
+    session = Reload(model, plan=plan)  # one session for every reload, as an engine keeps it: plans replay
+    runs = [reload_once(session, groups, cfg.device) for _ in range(cfg.repeats + 1)]
+    if plan and not all(r[3] for r in runs[1:]):
+        raise AssertionError(f"{scheme}: a timed reload did not replay the plan: {session.plan_note}")
     times = [r[0] for r in runs[1:]]
     extras = [r[1] for r in runs if r[1] is not None]
     median = statistics.median(times)
     record = {
-        "scheme": scheme, "num_bytes": num_bytes, "layer_bytes": layer_bytes, "moved_bytes": moved,
+        "scheme": scheme, "plan": plan, "num_bytes": num_bytes, "layer_bytes": layer_bytes, "moved_bytes": moved,
         "floor_s": floor, "first_s": runs[0][0], "median_s": median, "gbps": num_bytes / 1e9 / median,
         "x_floor": median / floor, "peak_extra_bytes": max(extras) if extras else None,
-        "peak_live_bytes": max(r[2] for r in runs), "checked": check_exact(model, groups, fp8),
+        "peak_live_bytes": max(r[2] for r in runs),
     }
+    record["checked"], record["differ"] = check_exact(model, groups, fp8)
     del model, groups
     if cfg.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -172,17 +186,18 @@ def format_table(shape_name: str, device: str, records: list[dict[str, Any]]) ->
     lines = [
         f"{shape_name} shape on {device}: {mib(r0['num_bytes'])} MiB bf16, largest decoder layer {mib(r0['layer_bytes'])} MiB.",
         "",
-        "| scheme | median ms | first ms | GB/s | floor ms | x floor | peak extra alloc MiB | x model | x layer | live MiB | exact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scheme | plan | median ms | first ms | GB/s | floor ms | x floor | peak extra alloc MiB | x model | x layer | live MiB | exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         extra = r["peak_extra_bytes"]
         x_model = "-" if extra is None else f"{extra / r['num_bytes']:.3f}"
         x_layer = "-" if extra is None else f"{extra / r['layer_bytes']:.2f}"
         lines.append(
-            f"| {r['scheme']} | {r['median_s'] * 1e3:.2f} | {r['first_s'] * 1e3:.2f} | {r['gbps']:.1f} | "
+            f"| {r['scheme']} | {'on' if r['plan'] else 'off'} | {r['median_s'] * 1e3:.2f} | {r['first_s'] * 1e3:.2f} | {r['gbps']:.1f} | "
             f"{r['floor_s'] * 1e3:.3f} | {r['x_floor']:.2f} | {mib(extra)} | {x_model} | {x_layer} | "
-            f"{mib(r['peak_live_bytes'])} | {r['checked']} tensors |"
+            f"{mib(r['peak_live_bytes'])} | "
+            + (f"{r['checked']} tensors |" if not r["differ"] else f"**{len(r['differ'])} of {r['checked']} differ** |")
         )
     return "\n".join(lines)
 
@@ -191,23 +206,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="bench", choices=sorted(SHAPES))
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    p.add_argument("--plan", choices=("both", "on", "off"), default="both", help="sync plan on, off or both (default)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
-    cfg = GpuReloadConfig(shape=args.shape, schemes=tuple(args.schemes), repeats=args.repeats,
+    plans = {"both": (True, False), "on": (True,), "off": (False,)}[args.plan]
+    cfg = GpuReloadConfig(shape=args.shape, schemes=tuple(args.schemes), plans=plans, repeats=args.repeats,
                           device=args.device, json_path=args.json_path)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_reload.py needs a CUDA GPU and torch.cuda.is_available() is False here; "
               "run it on a GPU machine (or pass --device cpu for a dry run without GPU figures).", file=sys.stderr)
         return 2
     device_name = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu (dry run)"
-    records = [run_scheme(cfg, SHAPES[cfg.shape], s) for s in cfg.schemes]
+    records = [run_scheme(cfg, SHAPES[cfg.shape], s, plan) for s in cfg.schemes for plan in cfg.plans]
     print(format_table(cfg.shape, device_name, records))
+    for r in records:
+        for line in r["differ"][:5]:
+            print(f"{r['scheme']} plan {'on' if r['plan'] else 'off'}: {line}")
     if cfg.json_path:
         Path(cfg.json_path).write_text(json.dumps({"device": device_name, "torch": torch.__version__,
                                                    "config": dataclasses.asdict(cfg), "records": records}, indent=1))
-    return 0
+    return 1 if any(r["differ"] for r in records) else 0
 
 
 if __name__ == "__main__":

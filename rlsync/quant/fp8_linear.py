@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from rlsync.errors import ConfigError
-from rlsync.quant import fused, reference
+from rlsync.quant import cpu_kernel, fused, reference
 from rlsync.quant.kernels import ACTIVATIONS, KERNELS
 from rlsync.quant.layout import Layout, ScaleSpec
 
@@ -244,15 +244,19 @@ def quantize_shard_into(config: Fp8Config, q_NK: torch.Tensor, scale: torch.Tens
 
     if config.scheme == "channel":
         for r, w in chunks(max(1, chunk_elems // k)):
-            q, s = fused.fp8_per_channel(w)
-            rows[r:r + len(w)].copy_(q)
-            scale[start + r:start + r + len(w)].copy_(s)
+            if not cpu_kernel.channel_into(w, rows[r:r + len(w)], scale[start + r:start + r + len(w)]):
+                q, s = fused.fp8_per_channel(w)
+                rows[r:r + len(w)].copy_(q)
+                scale[start + r:start + r + len(w)].copy_(s)
     else:
         step = max(1, chunk_elems // k)
-        lo_hi = [torch.stack(w.aminmax()).abs().max() for _, w in chunks(step)]
+        amaxes = [cpu_kernel.abs_max(w) for _, w in chunks(step)]
+        finite = all(a is not None for a in amaxes)  # the C kernel took every chunk's amax: no NaN, no infinity
+        lo_hi = amaxes if finite else [fused.abs_max(w) for _, w in chunks(step)]
         s = reference.per_tensor_scale(torch.stack(lo_hi))  # amax of amaxes = amax of the shard, exactly
         for r, w in chunks(step):
-            rows[r:r + len(w)].copy_(fused.quantize_with_tensor_scale(w, s))
+            if not (finite and cpu_kernel.tensor_into(w, s, rows[r:r + len(w)])):
+                rows[r:r + len(w)].copy_(fused.quantize_with_tensor_scale(w, s))
         scale[index:index + 1].copy_(s)
 
 

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from rlsync.quant import fused
+from rlsync.quant import cpu_kernel, fused
 from rlsync.quant.fp8_linear import CHUNK_ELEMS, Fp8Config, PendingRows, quantize_full, quantize_shard_into
 from rlsync.quant.layout import stacked_view
 
@@ -126,7 +126,8 @@ def quantize_expert_shards_into(config: Fp8Config, q_ENK: torch.Tensor, scale: t
     for s in range(0, len(experts), step):
         rows = slice(e0 + s, e0 + min(s + step, len(experts)))
         dst_scale = scale[rows, start:start + n] if config.scheme == "channel" else scale[rows, index:index + 1]
-        fused.stacked_fp8_into(config.scheme, stacked[s:s + step], q_ENK[rows, start:start + n], dst_scale)
+        if not cpu_kernel.stacked_into(config.scheme, stacked[s:s + step], q_ENK[rows, start:start + n], dst_scale):
+            fused.stacked_fp8_into(config.scheme, stacked[s:s + step], q_ENK[rows, start:start + n], dst_scale)
 
 
 Linear = Callable[[int, torch.Tensor], torch.Tensor]

@@ -29,7 +29,7 @@ Limitations:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,6 +40,31 @@ _MIN_CHANNEL_SCALE = 1.0 / (FP8_MAX * 512)
 # vLLM's per-block cast clamps each block's amax below at 1e-4.
 _MIN_BLOCK_AMAX = 1e-4
 _TINY = torch.finfo(torch.float32).tiny
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """torch's cast to e4m3, the definition every quantizer here uses (`cast=`).
+
+    The `cast` and `fp8_max` keywords of the quantizers below exist for their
+    compiled variants (`rlsync.quant.fused`): an integer-arithmetic cast with the
+    same bits (`rlsync.quant.e4m3`), and 448 as a runtime tensor, which keeps
+    Inductor's GPU code from turning `amax / 448` into a multiply by a rounded
+    reciprocal. Called without them, each function is the plain definition.
+    """
+    return x.to(FP8_DTYPE)
+
+
+Cast = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _fp8_max(device: torch.device, fp8_max: torch.Tensor | None) -> torch.Tensor:
+    return torch.tensor(FP8_MAX, dtype=torch.float32, device=device) if fp8_max is None else fp8_max
+
+
+def abs_max(weight: torch.Tensor) -> torch.Tensor:
+    """max |w| over the whole tensor, 0-d, in `weight`'s dtype (exact: max and abs do not round)."""
+    lo, hi = weight.aminmax()
+    return torch.maximum(lo.abs(), hi.abs())
 
 
 def _check_2d(weight: torch.Tensor) -> None:
@@ -53,7 +78,8 @@ def channel_amax(weight_NK: torch.Tensor) -> torch.Tensor:
     return torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
 
 
-def fp8_per_channel(weight_NK: torch.Tensor, amax_N1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_per_channel(weight_NK: torch.Tensor, amax_N1: torch.Tensor | None = None, *, cast: Cast = to_fp8,
+                    fp8_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel FP8: returns (`q_NK` e4m3, `scale_N1` fp32).
 
     Matches vLLM's online `fp8_per_channel`: amax over the input dim, scale =
@@ -64,9 +90,9 @@ def fp8_per_channel(weight_NK: torch.Tensor, amax_N1: torch.Tensor | None = None
     """
     _check_2d(weight_NK)
     amax = channel_amax(weight_NK) if amax_N1 is None else amax_N1
-    fp8_max = torch.tensor(FP8_MAX, dtype=torch.float32, device=weight_NK.device)
+    fp8_max = _fp8_max(weight_NK.device, fp8_max)
     scale_N1 = (amax / fp8_max).clamp_min(1.0 / (fp8_max * 512))
-    q_NK = (weight_NK / scale_N1).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q_NK = cast((weight_NK / scale_N1).clamp_(-FP8_MAX, FP8_MAX))
     return q_NK, scale_N1
 
 
@@ -78,16 +104,17 @@ def per_tensor_scale(weight: torch.Tensor) -> torch.Tensor:
     return (amax / fp8_max).clamp_min(_TINY)
 
 
-def quantize_with_tensor_scale(weight: torch.Tensor, scale_1: torch.Tensor) -> torch.Tensor:
+def quantize_with_tensor_scale(weight: torch.Tensor, scale_1: torch.Tensor, *, cast: Cast = to_fp8) -> torch.Tensor:
     """`(w.float() * scale.reciprocal()).clamp(-448, 448)` cast to e4m3.
 
     This is vLLM's static per-tensor quantization (`QuantFP8.forward_native`;
     the CUDA `static_scaled_fp8_quant` multiplies by the inverted scale too).
     """
-    return (weight.to(torch.float32) * scale_1.to(torch.float32).reciprocal()).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return cast((weight.to(torch.float32) * scale_1.to(torch.float32).reciprocal()).clamp_(-FP8_MAX, FP8_MAX))
 
 
-def stacked_fp8_into(scheme: str, w_SNK: torch.Tensor, q_SNK: torch.Tensor, scale: torch.Tensor) -> None:
+def stacked_fp8_into(scheme: str, w_SNK: torch.Tensor, q_SNK: torch.Tensor, scale: torch.Tensor, *,
+                     cast: Cast = to_fp8, fp8_max: torch.Tensor | None = None) -> None:
     """`fp8_per_channel` (scale (S, N, 1)) or `fp8_per_tensor` (scale (S, 1)) of each of S stacked weights,
     written into `q_SNK` and `scale` (views of kernel storage), with no per-weight call.
 
@@ -95,18 +122,18 @@ def stacked_fp8_into(scheme: str, w_SNK: torch.Tensor, q_SNK: torch.Tensor, scal
     weight only, the same elementwise steps), so the bits are theirs; `tests/unit/test_quant_experts.py`
     checks it. Why: expert layers send hundreds of small shards; one call for all of them costs per byte.
     """
-    fp8_max = torch.tensor(FP8_MAX, dtype=torch.float32, device=w_SNK.device)
+    fp8_max = _fp8_max(w_SNK.device, fp8_max)
     if scheme == "channel":
         lo, hi = w_SNK.aminmax(dim=-1, keepdim=True)
         amax = torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
         s = (amax / fp8_max).clamp_min(1.0 / (fp8_max * 512))
-        q_SNK.copy_((w_SNK / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+        q_SNK.copy_(cast((w_SNK / s).clamp_(-FP8_MAX, FP8_MAX)))
         scale.copy_(s)
     elif scheme == "tensor":
         lo, hi = w_SNK.reshape(w_SNK.shape[0], -1).aminmax(dim=-1)
         amax = torch.maximum(lo.abs(), hi.abs()).reshape(-1, 1).to(torch.float32)
         s = (amax / fp8_max).clamp_min(_TINY)
-        q_SNK.copy_((w_SNK.to(torch.float32) * s.reciprocal()[:, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+        q_SNK.copy_(cast((w_SNK.to(torch.float32) * s.reciprocal()[:, :, None]).clamp_(-FP8_MAX, FP8_MAX)))
         scale.copy_(s)
     else:
         raise ValueError(f"stacked quantization covers the tensor and channel schemes, not {scheme!r}")

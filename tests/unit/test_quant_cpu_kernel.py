@@ -1,0 +1,102 @@
+"""The C kernel's per-channel / per-tensor FP8 has the reference's bits, and leaves what it cannot do to it."""
+
+import pytest
+import torch
+
+from rlsync.quant import cpu_kernel, reference
+
+
+
+def test_the_kernel_builds_here():
+    """This project's machines have a C compiler (Inductor needs one too); a user's without one runs `fused`."""
+    assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
+
+SHAPES = [(2816, 1024), (257, 129), (7, 5), (1, 1), (64, 4096)]
+
+
+def bits(t):
+    return t.contiguous().view(torch.uint8 if t.element_size() == 1 else torch.int32)
+
+
+def weight(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 0.1
+    w[0, 0] = -0.0
+    if shape[0] > 2:
+        w[2] = 0.0  # an all-zero row: the clamped minimum scale
+    if shape[0] > 3:
+        w[3] = torch.randn(shape[1], generator=g) * 1e-39  # bf16 subnormals: the subnormal e4m3 path
+    if shape[0] > 4:
+        w[4, -1] = 3e38  # huge but finite
+    return w.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channel_and_tensor_bits_equal_the_reference(shape, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = weight(shape, seed=sum(shape))
+        big = torch.empty(shape[0] + 3, shape[1], dtype=torch.float8_e4m3fn)  # rows of a larger kernel tensor
+        scale = torch.full((shape[0] + 3, 1), float("nan"))
+        assert cpu_kernel.channel_into(w, big[2:2 + shape[0]], scale[2:2 + shape[0]])
+        qr, sr = reference.fp8_per_channel(w)
+        assert torch.equal(bits(big[2:2 + shape[0]]), bits(qr)) and torch.equal(scale[2:2 + shape[0]], sr)
+
+        amax = cpu_kernel.abs_max(w)
+        assert amax is not None and torch.equal(amax, reference.abs_max(w))
+        s = reference.per_tensor_scale(w)
+        q = torch.empty(shape, dtype=torch.float8_e4m3fn)
+        assert cpu_kernel.tensor_into(w, s, q)
+        assert torch.equal(bits(q), bits(reference.quantize_with_tensor_scale(w, s)))
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_rows_are_left_to_the_reference(bad):
+    w = weight((16, 32), seed=1)
+    w[9, 3] = bad
+    q, s = torch.empty(16, 32, dtype=torch.float8_e4m3fn), torch.empty(16, 1)
+    assert not cpu_kernel.channel_into(w, q, s)
+    assert cpu_kernel.abs_max(w) is None
+
+
+def test_other_inputs_are_refused_not_guessed():
+    w = weight((16, 32), seed=2)
+    q, s = torch.empty(16, 32, dtype=torch.float8_e4m3fn), torch.empty(16, 1)
+    assert not cpu_kernel.channel_into(w.float(), q, s)  # fp32 weights: the fused path
+    assert not cpu_kernel.channel_into(w.t().contiguous().t(), q, s)  # column-major
+    assert not cpu_kernel.tensor_into(w.half(), torch.ones(1), q)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("RLSYNC_CPU_KERNEL", "0")
+    assert not cpu_kernel.available() and cpu_kernel.unavailable_reason() == "RLSYNC_CPU_KERNEL=0"
+    w = weight((8, 8), seed=3)
+    assert not cpu_kernel.channel_into(w, torch.empty(8, 8, dtype=torch.float8_e4m3fn), torch.empty(8, 1))
+
+
+@pytest.mark.parametrize("scheme, scale_shape", [("channel", (5, 40, 1)), ("tensor", (5, 1))])
+def test_stacked_weights_equal_the_reference(scheme, scale_shape):
+    w = (torch.randn(5, 40, 24) * 0.02).to(torch.bfloat16)
+    w[2, 3] *= 100
+    w[4] = 0.0
+    q, s = torch.empty(w.shape, dtype=torch.float8_e4m3fn), torch.empty(scale_shape)
+    qr, sr = torch.empty_like(q), torch.empty_like(s)
+    assert cpu_kernel.stacked_into(scheme, w, q, s)
+    reference.stacked_fp8_into(scheme, w, qr, sr)
+    assert torch.equal(bits(q), bits(qr)) and torch.equal(s, sr)
+    assert not cpu_kernel.stacked_into("block", w, q, s)
+
+
+def test_cast_on_a_sample_of_every_finite_fp32_pattern():
+    """The kernel's clamped cast; scripts/check_e4m3_cast.py --kernel-only checks every finite pattern."""
+    ints = torch.arange(-(1 << 31), 1 << 31, 4099, dtype=torch.int64)
+    x = ints.to(torch.int32).view(torch.float32)
+    x = x[torch.isfinite(x)]
+    edges = torch.tensor([448.0, 447.99, 448.01, 464.0, 2.0**-6, 2.0**-9, 2.0**-10, 1.5 * 2.0**-9, 0.0, -0.0, 1e-45, 3e38])
+    x = torch.cat([x, edges, -edges])
+    want = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(bits(cpu_kernel.cast_clamped(x)), bits(want))
