@@ -269,9 +269,11 @@ def _block_rows_into(config: Fp8Config, q_NK: torch.Tensor, scale: torch.Tensor,
     step = bn * max(1, chunk_elems // (bn * math.ceil(k / bk) * bk))
     for r in range(0, len(w_RK), step):
         w = w_RK[r:r + step].to(device=q_NK.device, dtype=dtype)
-        q, s = reference.fp8_per_block(w, config.block)  # compiled, this 4-D reduction ran slower
-        q_NK[row0 + r:row0 + r + len(w)].copy_(q)
-        scale[(row0 + r) // bn:(row0 + r) // bn + s.shape[0]].copy_(s)
+        dst_q, dst_scale = q_NK[row0 + r:row0 + r + len(w)], scale[(row0 + r) // bn:(row0 + r) // bn + -(-len(w) // bn)]
+        if not cpu_kernel.block_into(w, config.block, dst_q, dst_scale):
+            q, s = reference.fp8_per_block(w, config.block)  # compiled, this 4-D reduction ran slower
+            dst_q.copy_(q)
+            dst_scale.copy_(s)
 
 
 def _block_shard_into(config: Fp8Config, q_NK: torch.Tensor, scale: torch.Tensor, widths: Sequence[int], index: int,

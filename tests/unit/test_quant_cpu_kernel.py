@@ -100,3 +100,24 @@ def test_cast_on_a_sample_of_every_finite_fp32_pattern():
     x = torch.cat([x, edges, -edges])
     want = x.clamp(-448, 448).to(torch.float8_e4m3fn)
     assert torch.equal(bits(cpu_kernel.cast_clamped(x)), bits(want))
+
+
+@pytest.mark.parametrize("shape, block", [((2816, 1024), (128, 128)), ((300, 200), (128, 128)), ((7, 5), (4, 2)),
+                                          ((256, 384), (128, 128))])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_bits_equal_the_reference(shape, block, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = weight(shape, seed=len(shape) + shape[0])
+        nb, kb = -(-shape[0] // block[0]), -(-shape[1] // block[1])
+        q = torch.empty(shape, dtype=torch.float8_e4m3fn)
+        s = torch.full((nb + 1, kb), float("nan"))
+        assert cpu_kernel.block_into(w, block, q, s[1:])
+        qr, sr = reference.fp8_per_block(w, block)
+        assert torch.equal(bits(q), bits(qr)) and torch.equal(s[1:], sr)
+        w[-1, -1] = float("nan")
+        assert not cpu_kernel.block_into(w, block, q, s[1:])
+        assert not cpu_kernel.block_into(w, block, q, s[:-1, :-1] if kb > 1 else s[:, :0])  # wrong scale shape
+    finally:
+        torch.set_num_threads(old)
