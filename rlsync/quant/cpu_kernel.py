@@ -256,6 +256,17 @@ def abs_max(w: torch.Tensor) -> torch.Tensor | None:
     return torch.tensor([max(found)], dtype=torch.int16).view(torch.bfloat16)[0].clone()
 
 
+def finite(t: torch.Tensor) -> bool | None:
+    """Whether contiguous bf16 CPU `t` holds no NaN and no infinity (one integer max pass); None: not decided here."""
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0 or not available():
+        return None
+    flat = t.reshape(-1)
+    rows = flat.view(-1, 4096) if flat.numel() % 4096 == 0 else flat.view(1, -1)
+    n, k = rows.shape
+    lib, wp = _library(), rows.data_ptr()
+    return 0xFFFF not in _split(n, lambda r0, r1: lib.rlsync_absmax(wp, r0, r1, k, k))
+
+
 def tensor_into(w: torch.Tensor, scale_1: torch.Tensor, q: torch.Tensor) -> bool:
     """`reference.quantize_with_tensor_scale(w, scale_1)` written into `q`; False when not done here.
 

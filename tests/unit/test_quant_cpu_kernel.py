@@ -121,3 +121,14 @@ def test_block_bits_equal_the_reference(shape, block, threads):
         assert not cpu_kernel.block_into(w, block, q, s[:-1, :-1] if kb > 1 else s[:, :0])  # wrong scale shape
     finally:
         torch.set_num_threads(old)
+
+
+def test_finite_check():
+    w = weight((64, 4096), seed=7)
+    assert cpu_kernel.finite(w) is True and cpu_kernel.finite(w[0]) is True and cpu_kernel.finite(w[:, :3].flatten()) is True
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        v = w.clone()
+        v[40, 17] = bad
+        assert cpu_kernel.finite(v) is False
+        assert cpu_kernel.finite(v[40]) is False
+    assert cpu_kernel.finite(w.float()) is None and cpu_kernel.finite(w.t()) is None  # not decided here
