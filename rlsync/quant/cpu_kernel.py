@@ -81,17 +81,20 @@ static void row_mul(const uint16_t *row, uint8_t *out, int64_t k, float inv) {
     for (int64_t j = 0; j < k; j++) out[j] = e4m3_clamped(bf16_f32(row[j]) * inv);
 }
 
-/* per-channel FP8 of rows [r0, r1): returns 1 when a row holds a NaN or an infinity (then stops) */
-int rlsync_channel(const uint16_t *w, int64_t r0, int64_t r1, int64_t k, int64_t ws,
-                   uint8_t *q, int64_t qs, float *scale, int64_t ss) {
+/* per-channel FP8 of rows [r0, r1) of S stacked weights of n rows each (row r: weight r / n, row r % n;
+   `*s` strides step between weights, `*r` between rows); returns 1 when a row holds a NaN or an infinity */
+int rlsync_channel(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t k, int64_t ws, int64_t wr,
+                   uint8_t *q, int64_t qs, int64_t qr, float *scale, int64_t ss, int64_t sr) {
     const float min_scale = 1.0f / 229376.0f;
-    for (int64_t i = r0; i < r1; i++) {
-        uint16_t m = row_absmax(w + i * ws, k);
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t s = r / n, i = r % n;
+        const uint16_t *row = w + s * ws + i * wr;
+        uint16_t m = row_absmax(row, k);
         if (m >= 0x7F80) return 1;
-        float s = bf16_f32(m) / 448.0f;
-        s = s < min_scale ? min_scale : s;
-        scale[i * ss] = s;
-        row_div(w + i * ws, q + i * qs, k, s);
+        float sc = bf16_f32(m) / 448.0f;
+        sc = sc < min_scale ? min_scale : sc;
+        scale[s * ss + i * sr] = sc;
+        row_div(row, q + s * qs + i * qr, k, sc);
     }
     return 0;
 }
@@ -139,9 +142,14 @@ void rlsync_cast(const float *x, uint8_t *out, int64_t n) {
     for (int64_t j = 0; j < n; j++) out[j] = e4m3_clamped(x[j]);
 }
 
-/* rows [r0, r1) times `inv` (the per-tensor scale's fp32 reciprocal), clamped, cast; finite rows only */
-void rlsync_tensor(const uint16_t *w, int64_t r0, int64_t r1, int64_t k, int64_t ws, uint8_t *q, int64_t qs, float inv) {
-    for (int64_t i = r0; i < r1; i++) row_mul(w + i * ws, q + i * qs, k, inv);
+/* rows [r0, r1) of S stacked weights (as rlsync_channel) times inv[weight] (each per-tensor scale's fp32
+   reciprocal), clamped, cast; finite rows only */
+void rlsync_tensor(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t k, int64_t ws, int64_t wr,
+                   uint8_t *q, int64_t qs, int64_t qr, const float *inv) {
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t s = r / n, i = r % n;
+        row_mul(w + s * ws + i * wr, q + s * qs + i * qr, k, inv[s]);
+    }
 }
 """
 
@@ -189,11 +197,11 @@ def _library() -> ctypes.CDLL | str:
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{type(exc).__name__}: {exc}"
-    lib.rlsync_channel.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64]
+    lib.rlsync_channel.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64]
     lib.rlsync_channel.restype = ctypes.c_int
     lib.rlsync_absmax.argtypes = [_P, _I64, _I64, _I64, _I64]
     lib.rlsync_absmax.restype = ctypes.c_int
-    lib.rlsync_tensor.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _I64, ctypes.c_float]
+    lib.rlsync_tensor.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P]
     lib.rlsync_tensor.restype = None
     lib.rlsync_block.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P]
     lib.rlsync_block.restype = ctypes.c_int
@@ -237,11 +245,14 @@ def channel_into(w_NK: torch.Tensor, q_NK: torch.Tensor, scale_N1: torch.Tensor)
     (not a bf16 CPU weight with unit stride, no kernel, or a NaN / infinity: the caller runs the reference)."""
     if not _fits(w_NK, q_NK) or q_NK.dtype != torch.float8_e4m3fn or scale_N1.dtype != torch.float32:
         return False
-    n, k = w_NK.shape
-    lib = _library()
-    wp, qp, sp = w_NK.data_ptr(), q_NK.data_ptr(), scale_N1.data_ptr()
-    ws, qs, ss = w_NK.stride(0), q_NK.stride(0), scale_N1.stride(0)
-    return not any(_split(n, lambda r0, r1: lib.rlsync_channel(wp, r0, r1, k, ws, qp, qs, sp, ss)))
+    return _channel(w_NK[None], q_NK[None], scale_N1[None])
+
+
+def _channel(w_SNK: torch.Tensor, q_SNK: torch.Tensor, scale_SN1: torch.Tensor) -> bool:
+    (num, n, k), lib = w_SNK.shape, _library()
+    wp, qp, sp = w_SNK.data_ptr(), q_SNK.data_ptr(), scale_SN1.data_ptr()
+    (ws, wr, _), (qs, qr, _), (ss, sr) = w_SNK.stride(), q_SNK.stride(), scale_SN1.stride()[:2]
+    return not any(_split(num * n, lambda r0, r1: lib.rlsync_channel(wp, r0, r1, n, k, ws, wr, qp, qs, qr, sp, ss, sr)))
 
 
 def abs_max(w: torch.Tensor) -> torch.Tensor | None:
@@ -273,11 +284,16 @@ def tensor_into(w: torch.Tensor, scale_1: torch.Tensor, q: torch.Tensor) -> bool
     Only for finite `w` (the caller took its amax through `abs_max`, which refuses NaN and infinity)."""
     if not _fits(w, q) or q.dtype != torch.float8_e4m3fn:
         return False
-    inv = float(scale_1.to(torch.float32).reciprocal().reshape(()))  # the reference's fp32 reciprocal, exactly
-    n, k = w.shape
-    lib, wp, qp, ws, qs = _library(), w.data_ptr(), q.data_ptr(), w.stride(0), q.stride(0)
-    _split(n, lambda r0, r1: lib.rlsync_tensor(wp, r0, r1, k, ws, qp, qs, inv))
+    _tensor(w[None], q[None], scale_1.reshape(1))
     return True
+
+
+def _tensor(w_SNK: torch.Tensor, q_SNK: torch.Tensor, scale_S: torch.Tensor) -> None:
+    inv = scale_S.to(torch.float32).reciprocal().contiguous()  # the reference's fp32 reciprocals, exactly
+    (num, n, k), lib = w_SNK.shape, _library()
+    wp, qp, ip = w_SNK.data_ptr(), q_SNK.data_ptr(), inv.data_ptr()
+    (ws, wr, _), (qs, qr, _) = w_SNK.stride(), q_SNK.stride()
+    _split(num * n, lambda r0, r1: lib.rlsync_tensor(wp, r0, r1, n, k, ws, wr, qp, qs, qr, ip))
 
 
 def block_into(w_NK: torch.Tensor, block: tuple[int, int], q_NK: torch.Tensor, scale_nk: torch.Tensor) -> bool:
@@ -312,18 +328,21 @@ def cast_clamped(x: torch.Tensor) -> torch.Tensor:
 
 
 def stacked_into(scheme: str, w_SNK: torch.Tensor, q_SNK: torch.Tensor, scale: torch.Tensor) -> bool:
-    """`reference.stacked_fp8_into` for the channel and tensor schemes, weight by weight; False when not done here
-    (then the caller runs the fused function, which rewrites every output)."""
-    if scheme not in ("channel", "tensor") or w_SNK.dim() != 3 or len(w_SNK) == 0 or not _fits(w_SNK[0], q_SNK[0]):
+    """`reference.stacked_fp8_into` for the channel and tensor schemes, all S weights in one kernel call; False when
+    not done here (then the caller runs the fused function, which rewrites every output)."""
+    if (scheme not in ("channel", "tensor") or w_SNK.dim() != 3 or len(w_SNK) == 0 or not _fits(w_SNK[0], q_SNK[0])
+            or q_SNK.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32):
         return False
     if scheme == "channel":
-        return all(channel_into(w, q, s) for w, q, s in zip(w_SNK, q_SNK, scale, strict=True))
-    amaxes = [abs_max(w) for w in w_SNK]
-    if any(a is None for a in amaxes):
+        return _channel(w_SNK, q_SNK, scale)
+    lib, (num, n, k) = _library(), w_SNK.shape
+    wp, (ws, wr, _) = w_SNK.data_ptr(), w_SNK.stride()
+    maxima = [lib.rlsync_absmax(wp + s * ws * 2, 0, n, k, wr) for s in range(num)]  # bf16: 2 bytes per element
+    if 0xFFFF in maxima:
         return False
+    amaxes = torch.tensor(maxima, dtype=torch.int16).view(torch.bfloat16)
     fp8_max = torch.tensor(reference.FP8_MAX, dtype=torch.float32)
-    s_S1 = (torch.stack(amaxes).reshape(-1, 1).to(torch.float32) / fp8_max).clamp_min(reference._TINY)  # the reference's ops
-    for w, q, s in zip(w_SNK, q_SNK, s_S1, strict=True):
-        tensor_into(w, s, q)
+    s_S1 = (amaxes.reshape(-1, 1).to(torch.float32) / fp8_max).clamp_min(reference._TINY)  # the reference's ops
+    _tensor(w_SNK, q_SNK, s_S1.reshape(-1))
     scale.copy_(s_S1)
     return True

@@ -79,12 +79,20 @@ def test_disabled_by_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("scheme, scale_shape", [("channel", (5, 40, 1)), ("tensor", (5, 1))])
-def test_stacked_weights_equal_the_reference(scheme, scale_shape):
-    w = (torch.randn(5, 40, 24) * 0.02).to(torch.bfloat16)
+@pytest.mark.parametrize("layout", ["contiguous", "half-of-fused"])
+def test_stacked_weights_equal_the_reference(scheme, scale_shape, layout):
+    """One kernel call for every expert: a contiguous stack, or the gate half of a fused (E, 2N, K) weight written
+    into rows of a fused FP8 tensor (how transformers' experts and vLLM's w13 lie)."""
+    if layout == "contiguous":
+        w = (torch.randn(5, 40, 24) * 0.02).to(torch.bfloat16)
+        q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    else:
+        w = (torch.randn(5, 80, 24) * 0.02).to(torch.bfloat16)[:, 40:]
+        q = torch.empty(5, 80, 24, dtype=torch.float8_e4m3fn)[:, :40]
     w[2, 3] *= 100
     w[4] = 0.0
-    q, s = torch.empty(w.shape, dtype=torch.float8_e4m3fn), torch.empty(scale_shape)
-    qr, sr = torch.empty_like(q), torch.empty_like(s)
+    s = torch.empty(scale_shape)
+    qr, sr = torch.empty(w.shape, dtype=torch.float8_e4m3fn), torch.empty_like(s)
     assert cpu_kernel.stacked_into(scheme, w, q, s)
     reference.stacked_fp8_into(scheme, w, qr, sr)
     assert torch.equal(bits(q), bits(qr)) and torch.equal(s, sr)
