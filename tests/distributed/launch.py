@@ -21,7 +21,10 @@ def free_port() -> int:
 
 
 def _env(out: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    # A user's shell, not this test process's leftovers: importing trl sets VLLM_LOGGING_LEVEL=ERROR (which would
+    # silence the engine log lines `check_run` counts) and a CPU engine built here leaves VLLM_DIST_IDENT. Which
+    # files ran before on this xdist worker decides whether they are set, so they are always dropped.
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "VLLM_DIST_IDENT")}
     env.update({
         "RLSYNC_TEST_OUT": str(out), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "DS_ACCELERATOR": "cpu",
