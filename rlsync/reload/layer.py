@@ -116,10 +116,10 @@ class Slot:
 
 
 def _loading(slot: Slot, fn: Callable[[], Any]) -> Any:
-    """Run one loader call; while recording, outside the recorder's watch (its mutations are the loader's).
+    """Run one arrival loader call; while recording, with no dispatch mode (its mutations are the loader's).
 
-    The watch is a dispatch mode: left active, it would also run the plugin's compiled quantizers
-    in eager mode (TorchDynamo does not compile under a Python dispatch mode).
+    Left active, the recorder's watch would also run the plugin's compiled quantizers in eager mode
+    (TorchDynamo does not compile under a Python dispatch mode).
     """
     if slot.recorder is None:
         return fn()
@@ -127,22 +127,26 @@ def _loading(slot: Slot, fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-def _record(slot: Slot, layer: str, pname: str, key: tuple, numel: int, bound: inspect.BoundArguments,
-            copies: list | None) -> None:
-    """Store one loader call for the incoming tensor its `loaded_weight` is a view of (or spoil the group)."""
+def _record(slot: Slot, layer: str, pname: str, key: tuple, numel: int, bound: Bound,
+            copies: list | None, src: tuple[str, torch.Tensor] | None = None) -> None:
+    """Store one loader call for the incoming tensor its `loaded_weight` is a view of (or spoil the group).
+
+    `src`: that incoming (name, tensor) when the caller already looked it up."""
     rec = slot.recorder
     if rec is None:
         return
     param, loaded = bound.arguments["param"], bound.arguments["loaded_weight"]
-    src = rec.source_of(loaded)
-    args = template(bound.args, param, loaded)
-    kwargs = template(list(bound.kwargs.values()), param, loaded)
+    if src is None:
+        src = rec.source_of(loaded)
+    call_args, call_kwargs = bound.split()
+    args = template(call_args, param, loaded)
+    kwargs = template(list(call_kwargs.values()), param, loaded)
     if src is None or args is None or kwargs is None:
         rec.spoil(f"{layer}.{pname}: its loader received a tensor that is no view of an incoming tensor")
         return
     named = {k: v for k, v in bound.arguments.items() if k not in ("param", "loaded_weight")}
     rec.add(src[0], PlannedCall(layer=layer, pname=pname, key=key, numel=numel, loaded=geometry(loaded, src[1]),
-                                args=args, kwargs=dict(zip(bound.kwargs, kwargs, strict=True)), named=named,
+                                args=args, kwargs=dict(zip(call_kwargs, kwargs, strict=True)), named=named,
                                 copies=None if copies is None else tuple(copies)))
 
 
@@ -152,14 +156,71 @@ def _disjoint(views: list[torch.Tensor]) -> bool:
     return all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
 
 
-def _bind(sig: inspect.Signature, loader: Callable, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    bound = sig.bind(*args, **kwargs)
-    if "param" not in bound.arguments or "loaded_weight" not in bound.arguments:
-        raise SyncError(f"weight loader {getattr(loader, '__qualname__', loader)} has no `param` / `loaded_weight` arguments")
-    return bound
+_SIMPLE = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
-def _shard_key(bound: inspect.BoundArguments) -> tuple:
+class Bound:
+    """One loader call's arguments by name (`arguments`, in signature order, as `inspect.BoundArguments`
+    holds them: only those passed) and how to call the loader with them (`split`).
+
+    `arguments` may be changed before `split` (rlsync hands the loader its own `param`)."""
+
+    __slots__ = ("arguments", "_inspect")
+
+    def __init__(self, arguments: dict[str, Any], inspected: inspect.BoundArguments | None = None) -> None:
+        self.arguments, self._inspect = arguments, inspected
+
+    def split(self) -> tuple[tuple, dict[str, Any]]:
+        """(args, kwargs) for calling the loader with `arguments`."""
+        if self._inspect is None:
+            return (), self.arguments
+        return self._inspect.args, self._inspect.kwargs
+
+
+class Binder:
+    """`inspect.Signature.bind` for a loader, fast where the signature has no positional-only or variadic
+    parameters (vLLM's loaders): a dictionary built from the names, no `BoundArguments`.
+
+    Why: binding, then reading `BoundArguments.args` / `.kwargs` twice (to call, to record) cost about
+    30 us per loader call, most of the recording overhead on a 256-expert layer's 768 calls. Anything
+    else (an unknown or repeated name, a missing required argument, other parameter kinds) goes through
+    `inspect`, which raises its usual TypeError.
+    """
+
+    def __init__(self, sig: inspect.Signature, loader: Callable) -> None:
+        self.sig, self.loader = sig, loader
+        params = list(sig.parameters.values())
+        self.simple = all(p.kind in _SIMPLE for p in params)
+        self.names = [p.name for p in params]
+        self.known = set(self.names)
+        self.positional = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        self.required = {p.name for p in params if p.default is inspect.Parameter.empty}
+
+    def bind(self, args: tuple, kwargs: dict[str, Any]) -> Bound:
+        bound = self._fast(args, kwargs)
+        if bound is None:
+            inspected = self.sig.bind(*args, **kwargs)
+            bound = Bound(inspected.arguments, inspected)
+        if "param" not in bound.arguments or "loaded_weight" not in bound.arguments:
+            raise SyncError(
+                f"weight loader {getattr(self.loader, '__qualname__', self.loader)} has no `param` / `loaded_weight` arguments"
+            )
+        return bound
+
+    def _fast(self, args: tuple, kwargs: dict[str, Any]) -> Bound | None:
+        if not self.simple or len(args) > len(self.positional):
+            return None
+        passed = dict(zip(self.positional, args))
+        for k, v in kwargs.items():
+            if k in passed or k not in self.known:
+                return None
+            passed[k] = v
+        if not self.required <= passed.keys():
+            return None
+        return Bound({n: passed[n] for n in self.names if n in passed})
+
+
+def _shard_key(bound: Bound) -> tuple:
     """What distinguishes one shard of a tensor from another (`loaded_shard_id`, expert id, ...)."""
     return tuple(
         (k, repr(v)) for k, v in bound.arguments.items() if k not in ("param", "loaded_weight") and not isinstance(v, torch.Tensor)
@@ -216,10 +277,14 @@ class SwappedLayer:
     def _make_loader(self, pname: str) -> Callable:
         spec = self.spec.params[pname]
         original = self.originals[pname] = _loader_of(spec, self.layer)
-        sig = _signature(original)  # cached across syncs, per loader function
+        binder = Binder(_signature(original), original)  # the signature is cached across syncs, per function
 
         def rlsync_reload_loader(*args: Any, **kwargs: Any) -> Any:
-            return _loading(self.slot, lambda: self._load(pname, spec, original, sig, args, kwargs))
+            rec = self.slot.recorder
+            if rec is None:
+                return self._load(pname, spec, original, binder, args, kwargs)
+            with rec.loader_call():  # rlsync's own ops here are no mutation by vLLM's `load_weights`
+                return self._load(pname, spec, original, binder, args, kwargs)
 
         return rlsync_reload_loader
 
@@ -237,19 +302,30 @@ class SwappedLayer:
         if self.count >= self.total:
             self.finish()
 
-    def _load(self, pname: str, spec: TensorSpec, original: Callable, sig: inspect.Signature, args: tuple,
+    def _load(self, pname: str, spec: TensorSpec, original: Callable, binder: Binder, args: tuple,
               kwargs: dict) -> Any:
-        bound = _bind(sig, original, args, kwargs)
+        bound = binder.bind(args, kwargs)
         key = (pname, _shard_key(bound))
         self._claim(key)
         param = bound.arguments["param"] = self._materialize(pname, spec)
+        call_args, call_kwargs = bound.split()
         rec = self.slot.recorder
-        source = rec.source_of(bound.arguments["loaded_weight"]) if rec is not None else None
-        with LoaderTrace(param, source[1] if source else None) as trace:
-            result = original(*bound.args, **bound.kwargs)
+        if rec is None:
+            with LoaderTrace(param) as trace:
+                result = original(*call_args, **call_kwargs)
+            self._count(pname, min(trace.numel, spec.load_numel))
+            return result
+        source = rec.source_of(bound.arguments["loaded_weight"])
+        trace = LoaderTrace(param, source[1] if source else None)
+        with rec.loader_call(trace):  # the recorder's watch hands the loader's ops to `trace`
+            result = original(*call_args, **call_kwargs)
         numel = min(trace.numel, spec.load_numel)
-        _record(self.slot, self.name, pname, key, numel, bound, trace.copies)
-        self._count(pname, numel)
+        _record(self.slot, self.name, pname, key, numel, bound, trace.copies, source)
+        if self.count + numel < self.total:
+            self._count(pname, numel)
+        else:
+            with _disable_current_modes():  # processing (maybe compiled) runs with no mode, as when not recording
+                self._count(pname, numel)
         return result
 
     def batchable(self, call: PlannedCall) -> bool:
@@ -456,15 +532,16 @@ class ArrivalLayer:
 
     def _make_loader(self, pname: str, kernel: torch.Tensor, original: Callable) -> Callable:
         self.kernels[pname] = (kernel, original)
-        sig = _signature(original)  # cached across syncs, per loader function
+        binder = Binder(_signature(original), original)  # the signature is cached across syncs, per function
 
         def load(args: tuple, kwargs: dict) -> Any:
-            bound = _bind(sig, original, args, kwargs)
+            bound = binder.bind(args, kwargs)
             bound.arguments["param"] = kernel  # the plugin writes the kernel tensor, whatever vLLM was shown
             key = (pname, _shard_key(bound))
             numel = vllm_tp.local_numel(self.layer, pname, bound.arguments)  # this rank's part under TP
             self._claim(key, numel)
-            result = original(*bound.args, **bound.kwargs)
+            call_args, call_kwargs = bound.split()
+            result = original(*call_args, **call_kwargs)
             _record(self.slot, self.name, pname, key, numel, bound, None)
             self._count(numel)
             return result

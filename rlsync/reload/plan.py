@@ -151,12 +151,27 @@ def template(values: Sequence[Any], param: torch.Tensor, loaded: torch.Tensor) -
     return tuple(out)
 
 
-class LoaderTrace(TorchDispatchMode):
+class _Mode(TorchDispatchMode):
+    """rlsync's dispatch modes, without the Dynamo-disabling wrapper torch puts around `__torch_dispatch__`.
+
+    That wrapper was about 5 us of the 7-10 us each op costs under a mode (a 256-expert layer's loaders run
+    ~15 ops per checkpoint tensor). These modes only forward ops and look at their arguments; they never run
+    compiled code inside `__torch_dispatch__`, which is what the wrapper guards against.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+
+class LoaderTrace(_Mode):
     """Counts the elements a loader call writes with `copy_`, and whether those copies alone are its effect.
 
     `copies` stays a list of (destination, source) geometries while every
     mutating op is a `copy_` from inside `source` into `param`; anything else
     sets it to None (the call is then replayed by calling the loader).
+    Entered as a mode when not recording; while recording, the group's one
+    `_Watch` mode hands it the loader call's ops instead (`Recorder.tracing`).
     """
 
     def __init__(self, param: torch.Tensor | None = None, source: torch.Tensor | None = None) -> None:
@@ -165,7 +180,7 @@ class LoaderTrace(TorchDispatchMode):
         self.param, self.source = param, source
         self.copies: list[tuple[Geometry, Geometry]] | None = [] if param is not None and source is not None else None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def see(self, func, args) -> None:
         if func is torch.ops.aten.copy_.default:
             self.numel += args[0].numel()
             if self.copies is not None:
@@ -176,13 +191,19 @@ class LoaderTrace(TorchDispatchMode):
                     self.copies.append((dst, src))
         elif func._schema.is_mutable:
             self.copies = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.see(func, args)
         return func(*args, **(kwargs or {}))
 
 
-class _OutsideLoaders(TorchDispatchMode):
-    """Notes any mutation vLLM's `load_weights` does outside a loader call (the group is then unplannable).
+class _Watch(_Mode):
+    """The one mode over a recorded group's `load_weights`: inside a loader call it hands ops to the call's trace;
+    outside every loader call any mutation makes the group unplannable.
 
-    Loader calls run with this mode disabled (`layer._loading`), so whatever it sees is outside them.
+    One mode for the whole group (instead of a watch that each loader call disabled and a trace each call
+    entered) saves two mode switches per checkpoint tensor. rlsync's own work inside a loader call
+    (materializing, counting; processing runs with no mode at all) is not vLLM's and does not spoil.
     """
 
     def __init__(self, recorder: Recorder) -> None:
@@ -190,9 +211,29 @@ class _OutsideLoaders(TorchDispatchMode):
         self.recorder = recorder
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.is_mutable:
-            self.recorder.spoil(f"{func} outside a weight loader")
+        rec = self.recorder
+        if rec.trace is not None:
+            rec.trace.see(func, args)
+        elif not rec.inside and func._schema.is_mutable:
+            rec.spoil(f"{func} outside a weight loader")
         return func(*args, **(kwargs or {}))
+
+
+class _Inside:
+    """`with recorder.loader_call(trace)`: the ops until exit are one loader call's (`trace`: vLLM's loader)."""
+
+    __slots__ = ("recorder", "trace", "saved")
+
+    def __init__(self, recorder: Recorder, trace: LoaderTrace | None) -> None:
+        self.recorder, self.trace = recorder, trace
+
+    def __enter__(self) -> None:
+        rec = self.recorder
+        self.saved = (rec.inside, rec.trace)
+        rec.inside, rec.trace = True, self.trace
+
+    def __exit__(self, *exc) -> None:
+        self.recorder.inside, self.recorder.trace = self.saved
 
 
 class Recorder:
@@ -203,6 +244,10 @@ class Recorder:
         self.calls: dict[str, list[PlannedCall]] = {name: [] for name, _ in group}
         self.current: int = -1
         self.spoiled: str | None = None
+        self.inside = False
+        """In a loader call (rlsync's wrapper or the loader itself): not vLLM's `load_weights` code."""
+        self.trace: LoaderTrace | None = None
+        """The trace of the loader running right now, fed by the `_Watch` mode."""
 
     def spoil(self, why: str) -> None:
         if self.spoiled is None:
@@ -214,8 +259,11 @@ class Recorder:
             self.current = i
             yield item
 
-    def watching(self) -> _OutsideLoaders:
-        return _OutsideLoaders(self)
+    def watching(self) -> _Watch:
+        return _Watch(self)
+
+    def loader_call(self, trace: LoaderTrace | None = None) -> _Inside:
+        return _Inside(self, trace)
 
     def source_of(self, loaded: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         """The incoming (name, tensor) `loaded` is a view of: the current one first, then the rest."""

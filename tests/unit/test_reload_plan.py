@@ -145,3 +145,79 @@ def test_geometry_and_stacked_views():
     assert stacked_view([base[0], base[2], base[1]]) is None  # not evenly spaced in order
     assert stacked_view([base[0, :4], base[0, 2:6]]) is None  # overlapping
     assert stacked_view([base[0], torch.zeros(6)]) is None
+
+
+def test_a_mutation_between_loader_calls_is_never_planned(monkeypatch):
+    """The recorder's one watch tells loader calls from vLLM's own code around them: a mutation after the first
+    loader call of a group (not only before any) still makes the group unplannable."""
+    model = build_toy()
+    original = type(model).load_weights
+    counter = torch.zeros(1)
+
+    def load_weights(self, weights):
+        def tap():
+            for i, item in enumerate(weights):
+                if i == 1:
+                    counter.add_(1)  # runs after the first tensor's loader call returned
+                yield item
+        return original(self, tap())
+
+    monkeypatch.setattr(type(model), "load_weights", load_weights)
+    session = Reload(model, plan=True)
+    assert sync(session, checkpoint_groups(1)) is False
+    assert sync(session, checkpoint_groups(2)) is False
+    assert_bits_equal(kernel_state(model), kernel_state(build_toy(seed=2)))
+
+
+def _loader(param, loaded_weight, shard_id=None, *, expert_id=0):
+    pass
+
+
+def _positional_only(param, loaded_weight, /, shard_id=None):
+    pass
+
+
+def _var_kwargs(param, loaded_weight, **extra):
+    pass
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    (("P", "W"), {}),
+    (("P",), {"loaded_weight": "W", "shard_id": "q"}),
+    ((), {"expert_id": 3, "loaded_weight": "W", "param": "P"}),
+    (("P", "W", "k"), {"expert_id": 1}),
+])
+def test_binder_fast_path_binds_as_inspect_does(args, kwargs):
+    import inspect
+
+    from rlsync.reload.layer import Binder
+
+    bound = Binder(inspect.signature(_loader), _loader).bind(args, kwargs)
+    assert bound._inspect is None  # the fast path
+    expected = inspect.signature(_loader).bind(*args, **kwargs)
+    assert list(bound.arguments.items()) == list(expected.arguments.items())  # same names, same (signature) order
+    call_args, call_kwargs = bound.split()
+    assert inspect.signature(_loader).bind(*call_args, **call_kwargs).arguments == expected.arguments
+
+
+def test_binder_leaves_other_signatures_and_bad_calls_to_inspect():
+    import inspect
+
+    from rlsync.reload.layer import Binder
+
+    for fn in (_positional_only, _var_kwargs):
+        bound = Binder(inspect.signature(fn), fn).bind(("P", "W"), {"shard_id": "q"} if fn is _positional_only else {"x": 1})
+        assert bound._inspect is not None and bound.arguments["param"] == "P" and bound.split()[0][:2] == ("P", "W")
+    binder = Binder(inspect.signature(_loader), _loader)
+    with pytest.raises(TypeError):
+        binder.bind(("P",), {})  # loaded_weight missing
+    with pytest.raises(TypeError):
+        binder.bind(("P", "W"), {"param": "again"})
+    with pytest.raises(TypeError):
+        binder.bind(("P", "W"), {"nope": 1})
+
+    def no_param(weight, loaded_weight):
+        pass
+
+    with pytest.raises(SyncError, match="no `param` / `loaded_weight`"):
+        Binder(inspect.signature(no_param), no_param).bind(("P", "W"), {})
