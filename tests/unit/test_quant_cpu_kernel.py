@@ -140,3 +140,12 @@ def test_finite_check():
         assert cpu_kernel.finite(v) is False
         assert cpu_kernel.finite(v[40]) is False
     assert cpu_kernel.finite(w.float()) is None and cpu_kernel.finite(w.t()) is None  # not decided here
+
+
+def test_division_without_the_divider_on_a_sample_of_every_amax():
+    """The per-channel rows divide by a reciprocal and one fused-multiply-add correction where the CPU has FMA;
+    scripts/check_e4m3_cast.py --division checks every (amax, x) pair, this a strided sample of the amaxes plus
+    the ends (zero, the clamped minimum scale, the largest finite bf16)."""
+    assert cpu_kernel.division_mismatches(0, 64) == (0, None)  # zero and the smallest subnormal amaxes
+    for a in list(range(64, 0x7F80, 251)) + [0x3680, 0x3700, 0x7F70, 0x7F7F]:
+        assert cpu_kernel.division_mismatches(a, a + 1) == (0, None), hex(a)
