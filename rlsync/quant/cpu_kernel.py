@@ -188,17 +188,18 @@ static void row_mul(const uint16_t *row, uint8_t *out, int64_t k, float inv, con
 int rlsync_channel(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t k, int64_t ws, int64_t wr,
                    uint8_t *q, int64_t qs, int64_t qr, float *scale, int64_t ss, int64_t sr) {
     const float min_scale = 1.0f / 229376.0f;
+    int64_t s = r0 / n, i = r0 % n;  /* (weight, row) of r, stepped (no division per row: an expert's rows are short) */
     for (int64_t r = r0; r < r1; r++) {
-        int64_t s = r / n, i = r % n;
         const uint16_t *row = w + s * ws + i * wr;
         uint16_t m = row_absmax(row, k);
         if (m >= 0x7F80) return 1;
         float sc = bf16_f32(m) / 448.0f;
         sc = sc < min_scale ? min_scale : sc;
         scale[s * ss + i * sr] = sc;
+        uint8_t *out = q + s * qs + i * qr;
+        if (++i == n) { i = 0; s++; }
         /* the next row's bytes are fetched while this one is quantized (its amax pass then reads the cache) */
-        int64_t s1 = (r + 1) / n, i1 = (r + 1) % n;
-        row_div(row, q + s * qs + i * qr, k, sc, r + 1 < r1 ? w + s1 * ws + i1 * wr : row);
+        row_div(row, out, k, sc, r + 1 < r1 ? w + s * ws + i * wr : row);
     }
     return 0;
 }
@@ -270,9 +271,10 @@ void rlsync_cast(const float *x, uint8_t *out, int64_t n) {
    reciprocal), clamped, cast; finite rows only */
 void rlsync_tensor(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t k, int64_t ws, int64_t wr,
                    uint8_t *q, int64_t qs, int64_t qr, const float *inv) {
+    int64_t s = r0 / n, i = r0 % n;
     for (int64_t r = r0; r < r1; r++) {
-        int64_t s = r / n, i = r % n;
         row_mul(w + s * ws + i * wr, q + s * qs + i * qr, k, inv[s], NULL);
+        if (++i == n) { i = 0; s++; }
     }
 }
 """

@@ -145,9 +145,11 @@ def _record(slot: Slot, layer: str, pname: str, key: tuple, numel: int, bound: B
         rec.spoil(f"{layer}.{pname}: its loader received a tensor that is no view of an incoming tensor")
         return
     named = {k: v for k, v in bound.arguments.items() if k not in ("param", "loaded_weight")}
-    rec.add(src[0], PlannedCall(layer=layer, pname=pname, key=key, numel=numel, loaded=geometry(loaded, src[1]),
+    view = geometry(loaded, src[1])
+    whole = view == (tuple(src[1].shape), src[1].stride(), 0)
+    rec.add(src[0], PlannedCall(layer=layer, pname=pname, key=key, numel=numel, loaded=view,
                                 args=args, kwargs=dict(zip(call_kwargs, kwargs, strict=True)), named=named,
-                                copies=None if copies is None else tuple(copies)))
+                                copies=None if copies is None else tuple(copies), whole=whole))
 
 
 def _disjoint(views: list[torch.Tensor]) -> bool:

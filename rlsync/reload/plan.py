@@ -120,14 +120,17 @@ class PlannedCall:
     """The loader's other (non-tensor) arguments by parameter name, for a loader's `rlsync_batch`."""
     copies: tuple[tuple[Geometry, Geometry], ...] | None
     """(destination in the parameter, source in the incoming tensor) per `copy_`; None: call the loader."""
+    whole: bool = False
+    """`loaded` is the incoming tensor itself (its own size and stride, offset 0): replay hands over the tensor,
+    no `as_strided` view (a replay's incoming tensor has the recorded shape and stride, `SyncPlan.lookup`)."""
 
     def call(self, loader: Callable, param: torch.Tensor, tensor: torch.Tensor) -> Any:
-        loaded = view_of(tensor, self.loaded)
+        loaded = self.loaded_view(tensor)
         sub = lambda v: param if v is PARAM else loaded if v is LOADED else v  # noqa: E731
         return loader(*(sub(a) for a in self.args), **{k: sub(v) for k, v in self.kwargs.items()})
 
     def loaded_view(self, tensor: torch.Tensor) -> torch.Tensor:
-        return view_of(tensor, self.loaded)
+        return tensor if self.whole else view_of(tensor, self.loaded)
 
     def write(self, param: torch.Tensor, tensor: torch.Tensor) -> None:
         assert self.copies is not None
