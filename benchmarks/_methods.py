@@ -13,6 +13,9 @@ source converts them back once, before any timed sync:
 - `rlsync`: `VLLMEngine.sync` with rlsync's reload backend;
 - `rlsync-noplan`: the same with `sync_plan=False`: every sync through vLLM's
   `load_weights` (name mapping, loader dispatch), as before sync plans;
+- `rlsync-record`: `rlsync` with its plan dropped before every sync, so every
+  timed sync is a recording (first) sync: the first-sync cost with repeats, not
+  one sample (opt-in with `--methods`, not in the default list);
 - `rlsync-vllm`: `VLLMEngine.sync` with vLLM's layerwise reload as backend;
 - `trl`: trl 1.16's colocated sync, mirrored exactly: one
   `model.load_weights([(name, param)])` per parameter, then
@@ -62,7 +65,10 @@ from typing import Any
 
 import torch
 
-METHODS = ("rlsync", "rlsync-noplan", "rlsync-vllm", "trl", "trl-layerwise", "native", "native-shuffled", "rebuild")
+METHODS = ("rlsync", "rlsync-noplan", "rlsync-vllm", "trl", "trl-layerwise", "native", "native-shuffled", "rebuild",
+           "rlsync-record")
+OPT_IN_METHODS = ("rlsync-record",)
+"""Run only when named in `--methods`."""
 RESULT_PREFIX = "BENCH-RESULT "
 
 
@@ -157,7 +163,7 @@ class Bench:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         self.model_path, self.quant, self.method = model_path, quant, method
-        self.backend = "rlsync" if method in ("rlsync", "rlsync-noplan") else "vllm"
+        self.backend = "rlsync" if method in ("rlsync", "rlsync-noplan", "rlsync-record") else "vllm"
         self.engine = build_engine(model_path, quant, self.backend, plan=method != "rlsync-noplan")
         self.trainer = trainer_model(model_path)
         self.weights = named_weights(self.trainer, model_path)
@@ -177,6 +183,16 @@ class Bench:
         return {"check_s": report.nonfinite_check_seconds, "num_tensors": report.num_tensors, "planned": report.planned}
 
     _rlsync_vllm = _rlsync_noplan = _rlsync
+
+    def _rlsync_record(self) -> dict[str, Any]:
+        plan = getattr(self.engine.backend, "plan", None)
+        if plan is None:
+            raise RuntimeError("rlsync-record needs the rlsync backend with sync plans on")
+        plan.clear()  # what a first sync starts from: this sync records every group again
+        out = self._rlsync()
+        if out["planned"] is not False:
+            raise RuntimeError(f"rlsync-record: the sync did not record (planned={out['planned']})")
+        return out
 
     def _trl(self) -> dict[str, Any]:
         from rlsync.adapters import vllm_engine

@@ -70,8 +70,9 @@ MAIN_CELLS = (("bf16", "rlsync"), ("bf16", "native"), ("fp8_per_channel", "nativ
 """(quant, method) of the main table: rlsync in bf16 and every FP8 scheme against vLLM's native bf16 reload
 (vLLM's own FP8 is attempted so the table shows why it is not the baseline)."""
 SCALING_CELLS = (("bf16", "rlsync"), ("bf16", "rlsync-noplan"), ("bf16", "native"), ("rlsync_fp8/channel", "rlsync"),
-                 ("rlsync_fp8/channel", "rlsync-noplan"))
-"""(quant, method) measured at every expert count; `rlsync-noplan` is rlsync with `sync_plan=False`."""
+                 ("rlsync_fp8/channel", "rlsync-noplan"), ("bf16", "rlsync-record"), ("rlsync_fp8/channel", "rlsync-record"))
+"""(quant, method) measured at every expert count; `rlsync-noplan` is rlsync with `sync_plan=False`;
+`rlsync-record` (every sync a recording one) runs only when named in `--methods`."""
 QUICK_MAIN_CELLS = (("bf16", "rlsync"), ("rlsync_fp8/channel", "rlsync"))
 """The smoke run's cells: rlsync only (vLLM's native reload runs in `sync.py --quick`'s smoke run)."""
 QUICK_SCALING_CELLS = (("bf16", "rlsync"),)

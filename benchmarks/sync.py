@@ -56,7 +56,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _floor import CheckpointFacts, checkpoint_facts, copy_floor_s  # noqa: E402
-from _methods import METHODS, emit  # noqa: E402
+from _methods import METHODS, OPT_IN_METHODS, emit  # noqa: E402
 from _methods import run_child as measure_method  # noqa: E402
 from _moe import MOE_MODELS, PLAN, QUICK_PLAN, format_moe  # noqa: E402
 from _run import env_line, environment, load_average, run_child  # noqa: E402
@@ -125,7 +125,8 @@ def available_quants() -> list[str]:
 def methods_for(quant: str, cfg: SyncBenchConfig) -> tuple[str, ...]:
     if cfg.methods:
         return cfg.methods
-    return tuple(m for m in METHODS if quant in BASE_QUANTS or m not in BASE_ONLY_METHODS)
+    return tuple(m for m in METHODS
+                 if m not in OPT_IN_METHODS and (quant in BASE_QUANTS or m not in BASE_ONLY_METHODS))
 
 
 def cells(cfg: SyncBenchConfig) -> list[tuple[str, str, str]]:
@@ -134,7 +135,7 @@ def cells(cfg: SyncBenchConfig) -> list[tuple[str, str, str]]:
         plan = QUICK_PLAN if cfg.quick else PLAN
         return [(m, q, meth) for m, q, meth in plan.cells()
                 if (not cfg.models or m in cfg.models) and (not cfg.quants or q in cfg.quants)
-                and (not cfg.methods or meth in cfg.methods)]
+                and (meth in cfg.methods if cfg.methods else meth not in OPT_IN_METHODS)]
     quants = list(cfg.quants) or available_quants()
     return [(m, q, meth) for m in cfg.models or DENSE_MODELS for q in quants for meth in methods_for(q, cfg)]
 

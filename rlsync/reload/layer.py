@@ -159,6 +159,23 @@ def _disjoint(views: list[torch.Tensor]) -> bool:
 
 
 _SIMPLE = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+_BINDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def binder_for(fn: Callable) -> Binder:
+    """A `Binder` for `fn`, cached per function like `_signature` (bound methods: per function, without `self`)."""
+    func = getattr(fn, "__func__", None)
+    target, bound = (fn, False) if func is None else (func, True)
+    try:
+        cached = _BINDERS.get(target)
+        if cached is None:
+            cached = _BINDERS[target] = {}
+    except TypeError:  # not weak-referenceable
+        return Binder(_signature(fn), fn)
+    binder = cached.get(bound)
+    if binder is None:
+        binder = cached[bound] = Binder(_signature(fn), fn)
+    return binder
 
 
 class Bound:
@@ -190,7 +207,7 @@ class Binder:
     """
 
     def __init__(self, sig: inspect.Signature, loader: Callable) -> None:
-        self.sig, self.loader = sig, loader
+        self.sig, self.name = sig, getattr(loader, "__qualname__", repr(loader))
         params = list(sig.parameters.values())
         self.simple = all(p.kind in _SIMPLE for p in params)
         self.names = [p.name for p in params]
@@ -205,7 +222,7 @@ class Binder:
             bound = Bound(inspected.arguments, inspected)
         if "param" not in bound.arguments or "loaded_weight" not in bound.arguments:
             raise SyncError(
-                f"weight loader {getattr(self.loader, '__qualname__', self.loader)} has no `param` / `loaded_weight` arguments"
+                f"weight loader {self.name} has no `param` / `loaded_weight` arguments"
             )
         return bound
 
@@ -279,7 +296,7 @@ class SwappedLayer:
     def _make_loader(self, pname: str) -> Callable:
         spec = self.spec.params[pname]
         original = self.originals[pname] = _loader_of(spec, self.layer)
-        binder = Binder(_signature(original), original)  # the signature is cached across syncs, per function
+        binder = binder_for(original)  # cached across syncs, per loader function
 
         def rlsync_reload_loader(*args: Any, **kwargs: Any) -> Any:
             rec = self.slot.recorder
@@ -534,7 +551,7 @@ class ArrivalLayer:
 
     def _make_loader(self, pname: str, kernel: torch.Tensor, original: Callable) -> Callable:
         self.kernels[pname] = (kernel, original)
-        binder = Binder(_signature(original), original)  # the signature is cached across syncs, per function
+        binder = binder_for(original)  # cached across syncs, per loader function
 
         def load(args: tuple, kwargs: dict) -> Any:
             bound = binder.bind(args, kwargs)

@@ -74,6 +74,8 @@ class Reload(ReloadBackend):
         self.loaded_names: set[str] = set()
         """Engine parameter names `model.load_weights` reported in this session."""
         self.open = False
+        self._layers: list[tuple[str, Any, str]] | None = None
+        self._layers_key: tuple = ()
 
     # ---------------------------------------------------------- queries
     @property
@@ -89,7 +91,17 @@ class Reload(ReloadBackend):
         return {name: spec.load_bytes for name, spec, kind in self._plan() if kind == "swap"}
 
     def _plan(self) -> list[tuple[str, Any, str]]:
-        """(module name, capture, "swap" | "in_place" | "arrival") for every layer that takes part."""
+        """(module name, capture, "swap" | "in_place" | "arrival") for every layer that takes part.
+
+        Computed once per model structure (two walks over every module cost about 7 ms of a 160 ms FP8 sync):
+        kept while the model has the same modules, each with the same quant method, as when it was computed."""
+        key = tuple((id(m), id(getattr(m, "quant_method", None))) for m in self.model.modules())
+        if self._layers_key == key and self._layers is not None:
+            return self._layers
+        self._layers, self._layers_key = self._compute_plan(), key
+        return self._layers
+
+    def _compute_plan(self) -> list[tuple[str, Any, str]]:
         if not self.open and any(spec.kernel is None for spec in self.capture.layers.values()):
             record_kernel_format(self.model)  # first reload: the model is as processing left it
         followers = {id(m) for m in vllm_layers.tied_followers(self.model)}
