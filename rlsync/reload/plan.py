@@ -174,7 +174,7 @@ class LoaderTrace(_Mode):
     mutating op is a `copy_` from inside `source` into `param`; anything else
     sets it to None (the call is then replayed by calling the loader).
     Entered as a mode when not recording; while recording, the group's one
-    `_Watch` mode hands it the loader call's ops instead (`Recorder.tracing`).
+    `_Watch` mode hands it the loader call's ops instead (`Recorder.loader_call`).
     """
 
     def __init__(self, param: torch.Tensor | None = None, source: torch.Tensor | None = None) -> None:

@@ -221,3 +221,19 @@ def test_binder_leaves_other_signatures_and_bad_calls_to_inspect():
 
     with pytest.raises(SyncError, match="no `param` / `loaded_weight`"):
         Binder(inspect.signature(no_param), no_param).bind(("P", "W"), {})
+
+
+def test_participating_layers_are_recomputed_when_the_model_changes():
+    """The layer list a session works from is kept across syncs only while the model has the same modules with
+    the same quant methods."""
+    import copy
+
+    model = build_toy()
+    session = Reload(model, plan=True)
+    first = session._plan()
+    assert session._plan() is first
+    name, module = next((n, m) for n, m in model.named_modules() if getattr(m, "quant_method", None) is not None)
+    module.quant_method = copy.copy(module.quant_method)
+    assert session._plan() is not first and session._plan() == first  # recomputed, same answer here
+    assert sync(session, checkpoint_groups(2)) is False  # and a sync still works (records)
+    assert_bits_equal(kernel_state(model), kernel_state(build_toy(seed=2)))
