@@ -62,6 +62,9 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
+/* the per-channel scale's lower clamp, 1 / (448 * 512), as reference.fp8_per_channel */
+static const float min_scale = 1.0f / 229376.0f;
+
 static inline float bf16_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
 
 /* max |w| of one row as bf16 bits (for finite values the integer order is the float order) */
@@ -153,7 +156,6 @@ static void row_div(const uint16_t *row, uint8_t *out, int64_t k, float s, const
    row_div's e4m3 codes against IEEE division's, then the same cast. Returns the number of differing (amax, x)
    pairs, the first in bad[0] (amax bits) and bad[1] (x bits); -1 when out of memory. */
 int64_t rlsync_division_mismatches(int64_t a0, int64_t a1, int64_t *bad) {
-    const float min_scale = 1.0f / 229376.0f;
     uint16_t *xs = malloc(65536 * sizeof(uint16_t));
     uint8_t *got = malloc(65536);
     int64_t count = 0;
@@ -187,7 +189,6 @@ static void row_mul(const uint16_t *row, uint8_t *out, int64_t k, float inv, con
    `*s` strides step between weights, `*r` between rows); returns 1 when a row holds a NaN or an infinity */
 int rlsync_channel(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t k, int64_t ws, int64_t wr,
                    uint8_t *q, int64_t qs, int64_t qr, float *scale, int64_t ss, int64_t sr) {
-    const float min_scale = 1.0f / 229376.0f;
     int64_t s = r0 / n, i = r0 % n;  /* (weight, row) of r, stepped (no division per row: an expert's rows are short) */
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *row = w + s * ws + i * wr;

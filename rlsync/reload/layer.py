@@ -31,8 +31,6 @@ way (copy into their storage) and set back as plain attributes. Uninitialized
 
 from __future__ import annotations
 
-import inspect
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,34 +40,10 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from rlsync.adapters import vllm_layers, vllm_load, vllm_tp
 from rlsync.errors import SyncError
+from rlsync.reload.binding import Binder, Bound, binder_for, shard_key
 from rlsync.reload.capture import LayerCapture, TensorSpec, layer_tensors, plain_tensor_attrs
 from rlsync.quant.layout import stacked_view
 from rlsync.reload.plan import LoaderTrace, PlannedCall, Recorder, geometry, span, template, view_of
-
-_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _signature(fn: Callable) -> inspect.Signature:
-    """`inspect.signature(fn)`, cached per function: every sync re-binds each layer's loader (a new bound method
-    each time), and signing 179 loaders cost about 4 ms of a 157 ms FP8 sync. A bound method's signature is
-    its function's without the first parameter; functions are held weakly (closures die with their engine)."""
-    func = getattr(fn, "__func__", None)
-    target = fn if func is None else func
-    try:
-        sig = _SIGNATURES.get(target)
-        if sig is None:
-            sig = _SIGNATURES[target] = inspect.signature(target)
-    except TypeError:  # not weak-referenceable: sign it each time
-        return inspect.signature(fn)
-    if func is None:
-        return sig
-    params = list(sig.parameters.values())
-    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
-        return sig  # `self` is taken by *args, which stays (as inspect does)
-    if not params or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
-        return inspect.signature(fn)
-    return sig.replace(parameters=params[1:])
-
 
 class LiveBytes:
     """Load-format bytes alive right now and the most alive at once."""
@@ -158,94 +132,6 @@ def _disjoint(views: list[torch.Tensor]) -> bool:
     return all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
 
 
-_SIMPLE = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-_BINDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def binder_for(fn: Callable) -> Binder:
-    """A `Binder` for `fn`, cached per function like `_signature` (bound methods: per function, without `self`)."""
-    func = getattr(fn, "__func__", None)
-    target, bound = (fn, False) if func is None else (func, True)
-    try:
-        cached = _BINDERS.get(target)
-        if cached is None:
-            cached = _BINDERS[target] = {}
-    except TypeError:  # not weak-referenceable
-        return Binder(_signature(fn), fn)
-    binder = cached.get(bound)
-    if binder is None:
-        binder = cached[bound] = Binder(_signature(fn), fn)
-    return binder
-
-
-class Bound:
-    """One loader call's arguments by name (`arguments`, in signature order, as `inspect.BoundArguments`
-    holds them: only those passed) and how to call the loader with them (`split`).
-
-    `arguments` may be changed before `split` (rlsync hands the loader its own `param`)."""
-
-    __slots__ = ("arguments", "_inspect")
-
-    def __init__(self, arguments: dict[str, Any], inspected: inspect.BoundArguments | None = None) -> None:
-        self.arguments, self._inspect = arguments, inspected
-
-    def split(self) -> tuple[tuple, dict[str, Any]]:
-        """(args, kwargs) for calling the loader with `arguments`."""
-        if self._inspect is None:
-            return (), self.arguments
-        return self._inspect.args, self._inspect.kwargs
-
-
-class Binder:
-    """`inspect.Signature.bind` for a loader, fast where the signature has no positional-only or variadic
-    parameters (vLLM's loaders): a dictionary built from the names, no `BoundArguments`.
-
-    Why: binding, then reading `BoundArguments.args` / `.kwargs` twice (to call, to record) was about a tenth
-    of a recording sync of 256-expert layers (768 loader calls each; cProfile). Anything
-    else (an unknown or repeated name, a missing required argument, other parameter kinds) goes through
-    `inspect`, which raises its usual TypeError.
-    """
-
-    def __init__(self, sig: inspect.Signature, loader: Callable) -> None:
-        self.sig, self.name = sig, getattr(loader, "__qualname__", repr(loader))
-        params = list(sig.parameters.values())
-        self.simple = all(p.kind in _SIMPLE for p in params)
-        self.names = [p.name for p in params]
-        self.known = set(self.names)
-        self.positional = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-        self.required = {p.name for p in params if p.default is inspect.Parameter.empty}
-
-    def bind(self, args: tuple, kwargs: dict[str, Any]) -> Bound:
-        bound = self._fast(args, kwargs)
-        if bound is None:
-            inspected = self.sig.bind(*args, **kwargs)
-            bound = Bound(inspected.arguments, inspected)
-        if "param" not in bound.arguments or "loaded_weight" not in bound.arguments:
-            raise SyncError(
-                f"weight loader {self.name} has no `param` / `loaded_weight` arguments"
-            )
-        return bound
-
-    def _fast(self, args: tuple, kwargs: dict[str, Any]) -> Bound | None:
-        if not self.simple or len(args) > len(self.positional):
-            return None
-        passed = dict(zip(self.positional, args))
-        for k, v in kwargs.items():
-            if k in passed or k not in self.known:
-                return None
-            passed[k] = v
-        if not self.required <= passed.keys():
-            return None
-        return Bound({n: passed[n] for n in self.names if n in passed})
-
-
-def _shard_key(bound: Bound) -> tuple:
-    """What distinguishes one shard of a tensor from another (`loaded_shard_id`, expert id, ...)."""
-    return tuple(
-        (k, repr(v)) for k, v in bound.arguments.items() if k not in ("param", "loaded_weight") and not isinstance(v, torch.Tensor)
-    )
-
-
 def _loader_of(spec_or_tensor: TensorSpec | torch.Tensor, layer: nn.Module) -> Callable:
     """The loader a tensor's writes go through (vLLM's default where it sets none, resolved on use)."""
     if isinstance(spec_or_tensor, TensorSpec):
@@ -324,7 +210,7 @@ class SwappedLayer:
     def _load(self, pname: str, spec: TensorSpec, original: Callable, binder: Binder, args: tuple,
               kwargs: dict) -> Any:
         bound = binder.bind(args, kwargs)
-        key = (pname, _shard_key(bound))
+        key = (pname, shard_key(bound))
         self._claim(key)
         param = bound.arguments["param"] = self._materialize(pname, spec)
         call_args, call_kwargs = bound.split()
@@ -556,7 +442,7 @@ class ArrivalLayer:
         def load(args: tuple, kwargs: dict) -> Any:
             bound = binder.bind(args, kwargs)
             bound.arguments["param"] = kernel  # the plugin writes the kernel tensor, whatever vLLM was shown
-            key = (pname, _shard_key(bound))
+            key = (pname, shard_key(bound))
             numel = vllm_tp.local_numel(self.layer, pname, bound.arguments)  # this rank's part under TP
             self._claim(key, numel)
             call_args, call_kwargs = bound.split()

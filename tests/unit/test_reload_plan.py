@@ -190,7 +190,7 @@ def _var_kwargs(param, loaded_weight, **extra):
 def test_binder_fast_path_binds_as_inspect_does(args, kwargs):
     import inspect
 
-    from rlsync.reload.layer import Binder
+    from rlsync.reload.binding import Binder
 
     bound = Binder(inspect.signature(_loader), _loader).bind(args, kwargs)
     assert bound._inspect is None  # the fast path
@@ -203,7 +203,7 @@ def test_binder_fast_path_binds_as_inspect_does(args, kwargs):
 def test_binder_leaves_other_signatures_and_bad_calls_to_inspect():
     import inspect
 
-    from rlsync.reload.layer import Binder
+    from rlsync.reload.binding import Binder
 
     for fn in (_positional_only, _var_kwargs):
         bound = Binder(inspect.signature(fn), fn).bind(("P", "W"), {"shard_id": "q"} if fn is _positional_only else {"x": 1})
