@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--repeats must be at least 1")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from rlsync.default_model import BENCH_SPEC, tiny_model_path
+    from rlsync.trainer import init_deepspeed
 
     path = str(tiny_model_path(BENCH_SPEC if args.model == "bench" else None))
+    init_deepspeed("gloo")  # DeepSpeed's group, without leaving its CPU all-reduce buffers in /dev/shm
     engine = build_engine(path)
     results = {"group": timed(by_group, engine, args.repeats), "param": timed(by_param, engine, args.repeats)}
     import torch.distributed as dist

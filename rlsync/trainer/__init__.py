@@ -12,12 +12,14 @@ DeepSpeed and PEFT are imported when a config asks for them.
 """
 
 from rlsync.trainer.config import DEEPSPEED_BACKENDS, LoraOptions, TrainerConfig, check_trainer_run
-from rlsync.trainer.dist import average_grads, mean_over_ranks, setup_distributed, teardown_distributed, world_size
+from rlsync.trainer.dist import (average_grads, init_deepspeed, mean_over_ranks, setup_distributed, teardown_distributed,
+                                 world_size)
 from rlsync.trainer.stepper import DeepSpeedStepper, Stepper, TorchStepper
 from rlsync.trainer.wrap import Trainer, apply_lora, deepspeed_config, wrap
 
 __all__ = [
     "DEEPSPEED_BACKENDS", "DeepSpeedStepper", "LoraOptions", "Stepper", "TorchStepper", "Trainer", "TrainerConfig",
-    "apply_lora", "average_grads", "check_trainer_run", "deepspeed_config", "mean_over_ranks", "setup_distributed",
+    "apply_lora", "average_grads", "check_trainer_run", "deepspeed_config", "init_deepspeed", "mean_over_ranks",
+    "setup_distributed",
     "teardown_distributed", "world_size", "wrap",
 ]

@@ -7,7 +7,9 @@ torch.distributed in a state the trainer cannot join (seen on CPU).
 
 The launchers (torchrun, the deepspeed launcher) only set `RANK`,
 `WORLD_SIZE`, `LOCAL_RANK` and `MASTER_*`; `setup_distributed` joins the
-group the backend needs (DeepSpeed's own `init_distributed` for zero2/zero3).
+group the backend needs (DeepSpeed's own `init_distributed` for zero2/zero3,
+through `init_deepspeed`, which also removes the names of DeepSpeed's CPU
+shared-memory buffers: see its docstring).
 
 Limitations:
 1. One node: the CUDA device is `LOCAL_RANK`, and nothing here spans nodes
@@ -59,12 +61,48 @@ def setup_distributed(cfg: TrainerConfig) -> int:
     if cfg.is_deepspeed:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        init_deepspeed(backend)
     else:
         dist.init_process_group(backend)
     return dist.get_world_size()
+
+
+DEEPSPEED_SHM_PREFIX = "deepspeed_allreduce_buffer"
+"""The names DeepSpeed's CPU all-reduce gives its shared-memory buffers: `{prefix}_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}`."""
+
+
+def deepspeed_shm_name(rank: int) -> str:
+    """This launch's DeepSpeed CPU all-reduce buffer of `rank`, as `shm_open` names it (DeepSpeed's shm.cpp)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def init_deepspeed(backend: str) -> None:
+    """`deepspeed.init_distributed`, then this rank's DeepSpeed shared-memory buffer name removed.
+
+    Why: on CPU, when every rank is on one machine (the deepspeed launcher's
+    `LOCAL_SIZE`), DeepSpeed's all-reduce maps a 66 MiB POSIX shared-memory
+    buffer per rank and never unlinks it. Each launch left 132 MiB of
+    /dev/shm, which is RAM, until reboot: a test machine had 13 GB of them.
+    `init_distributed` returns on a rank only after it has mapped every
+    peer's buffer, so after a barrier no rank opens a name again; the
+    mappings stay valid, and the kernel frees the memory when the last rank
+    exits, on a crash too.
+    """
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if dist.get_world_size() < 2 or torch.cuda.is_available():
+        return
+    dist.barrier()
+    try:
+        from _posixshmem import shm_unlink  # CPython's own binding (multiprocessing.shared_memory uses it)
+    except ImportError:  # not a POSIX system
+        return
+    try:
+        shm_unlink("/" + deepspeed_shm_name(dist.get_rank()))
+    except FileNotFoundError:
+        pass  # DeepSpeed took another all-reduce path (ranks on several machines, no shm op built)
 
 
 def teardown_distributed() -> None:

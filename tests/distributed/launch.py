@@ -49,9 +49,21 @@ def torchrun(script: str, args: list[str], out: Path, timeout_s: float) -> list[
 
 
 def deepspeed(script: str, args: list[str], out: Path, timeout_s: float) -> list[list[dict]]:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / script), *args]
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), str(HERE / script), *args]
     _run(cmd, out, timeout_s)
+    assert_no_shm_left(port)
     return results(out)
+
+
+def assert_no_shm_left(port: int) -> None:
+    """The launch on `port` left no DeepSpeed CPU all-reduce buffer in /dev/shm (66 MiB of RAM each, until reboot;
+    `rlsync.trainer.init_deepspeed` removes their names). A launch that never made them passes too."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return
+    left = sorted(p.name for p in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"the deepspeed launch on port {port} left {left} in /dev/shm"
 
 
 def results(out: Path) -> list[list[dict]]:

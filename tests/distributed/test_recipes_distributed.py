@@ -49,6 +49,8 @@ def run_recipe(launcher: str, config: str, overrides: list[str], out: Path, time
             *overrides]
     start = time.monotonic()
     proc = launch._run([*cmd, *args], out, timeout_s)
+    if launcher == "deepspeed":
+        launch.assert_no_shm_left(int(port))
     return proc.stdout + proc.stderr, time.monotonic() - start
 
 

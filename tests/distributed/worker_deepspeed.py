@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from rlsync.source import ModuleSource, Zero3Source, source_for  # noqa: E402
+from rlsync.trainer import init_deepspeed  # noqa: E402
 from tests.distributed.common import (  # noqa: E402
     check_source, ds_config, group_bytes, load_model, lora_bound, main_guard, reference_params, train_step,
     write_result, zero3_gathered_peak, zero_full_state, zero_local,
@@ -71,7 +72,7 @@ def run_case(name, path, stage, *, lora=False, source_kwargs=None, expect_type=N
 
 def main():
     tied, untied = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed("gloo")  # DeepSpeed's group, its /dev/shm buffer names removed
     results = [
         run_case("zero2", tied, 2, expect_type=ModuleSource),
         run_case("zero3", tied, 3, expect_type=Zero3Source),

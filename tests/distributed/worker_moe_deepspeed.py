@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from rlsync.source import ModuleSource, Zero3Source, source_for  # noqa: E402
+from rlsync.trainer import init_deepspeed  # noqa: E402
 from tests.distributed.common import (  # noqa: E402
     check_source, checkpoint_of, ds_config, group_bytes, load_model, main_guard, moe_copy_bytes, train_step,
     write_result, zero3_gathered_peak, zero_full_state, zero_local,
@@ -67,7 +68,7 @@ def run_case(name: str, path: str, stage: int, initial: dict) -> dict:
 
 def main():
     qwen3_moe, mixtral = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed("gloo")  # DeepSpeed's group, its /dev/shm buffer names removed
     results = []
     for family, path in (("qwen3_moe", qwen3_moe), ("mixtral", mixtral)):
         initial = checkpoint_of(load_model(path).state_dict(), load_model(path), os.path.join(OUT, f"{family}-initial"))
