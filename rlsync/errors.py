@@ -20,6 +20,14 @@ class SyncError(RLSyncError):
     """A weight sync failed; the engine is left FAILED (it refuses to generate)."""
 
 
+class NonFiniteError(SyncError):
+    """A tensor of a sync holds NaN or Inf (`reject_nonfinite=True`); the engine is left FAILED."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"parameter {name!r} has non-finite values (NaN or Inf; reject_nonfinite=True)")
+        self.name = name
+
+
 class EngineNotReady(RLSyncError):
     """The engine's weights are not from one complete sync, so it refuses to sample."""
 

@@ -27,6 +27,10 @@ inputs a row can give it). `tests/unit/test_quant_cpu_kernel.py` compares the
 bits with the reference on random shapes, zeros, subnormals and +-448, and
 samples both proofs; the fused quantizers stay the fallback.
 
+One more pass lives here because it is the same kind of loop: `copy_finite`, a
+bf16 copy that also finds NaN / Inf (the sync's check of the tensors it writes
+as plain copies, the vocabulary matrices above all), with streaming stores.
+
 Built on first use with the system C compiler (`$CC`, else `cc`), the way
 Inductor builds its kernels, into `$XDG_CACHE_HOME/rlsync` (else
 `~/.cache/rlsync`), keyed by the source, the flags and this CPU's feature flags
@@ -215,6 +219,32 @@ int rlsync_absmax(const uint16_t *w, int64_t r0, int64_t r1, int64_t k, int64_t 
     return m >= 0x7F80 ? 0xFFFF : m;
 }
 
+/* dst = src for n bf16 values, in one pass that also takes their max |x|: returns it as bf16
+   bits, 0xFFFF when a NaN or an infinity is among them. With AVX2 the stores bypass the cache (dst is not read
+   again soon, and a streaming store does not first read the line it overwrites). */
+int rlsync_copy_absmax(const uint16_t *src, uint16_t *dst, int64_t n) {
+    uint16_t m = 0;
+    int64_t j = 0;
+#ifdef __AVX2__
+    for (; j < n && ((uintptr_t)(dst + j) & 31); j++) { uint16_t v = src[j]; dst[j] = v; uint16_t a = v & 0x7FFF; m = a > m ? a : m; }
+    const __m256i nosign = _mm256_set1_epi16(0x7FFF);
+    __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+    for (; j + 32 <= n; j += 32) {
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(src + j)), v1 = _mm256_loadu_si256((const __m256i *)(src + j + 16));
+        _mm256_stream_si256((__m256i *)(dst + j), v0);
+        _mm256_stream_si256((__m256i *)(dst + j + 16), v1);
+        m0 = _mm256_max_epu16(m0, _mm256_and_si256(v0, nosign));
+        m1 = _mm256_max_epu16(m1, _mm256_and_si256(v1, nosign));
+    }
+    _mm_sfence();
+    uint16_t lanes[16];
+    _mm256_storeu_si256((__m256i *)lanes, _mm256_max_epu16(m0, m1));
+    for (int i = 0; i < 16; i++) m = lanes[i] > m ? lanes[i] : m;
+#endif
+    for (; j < n; j++) { uint16_t v = src[j]; dst[j] = v; uint16_t a = v & 0x7FFF; m = a > m ? a : m; }
+    return m >= 0x7F80 ? 0xFFFF : m;
+}
+
 /* per-block FP8 (reference.fp8_per_block) of block rows [b0, b1) of w (n x k), blocks bn x bk:
    amax per block clamped below at 1e-4, scale = amax / 448, values w * (1 / scale), saturating cast;
    returns 1 when a block holds a NaN or an infinity (then stops); `m` is kb floats of scratch */
@@ -332,6 +362,8 @@ def _library() -> ctypes.CDLL | str:
     lib.rlsync_tensor.restype = None
     lib.rlsync_block.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64, _P]
     lib.rlsync_block.restype = ctypes.c_int
+    lib.rlsync_copy_absmax.argtypes = [_P, _P, _I64]
+    lib.rlsync_copy_absmax.restype = ctypes.c_int
     lib.rlsync_cast.argtypes = [_P, _P, _I64]
     lib.rlsync_cast.restype = None
     lib.rlsync_division_mismatches.argtypes = [_I64, _I64, _P]
@@ -405,6 +437,24 @@ def finite(t: torch.Tensor) -> bool | None:
     n, k = rows.shape
     lib, wp = _library(), rows.data_ptr()
     return 0xFFFF not in _split(n, lambda r0, r1: lib.rlsync_absmax(wp, r0, r1, k, k))
+
+
+def copy_finite(dst: torch.Tensor, src: torch.Tensor) -> bool | None:
+    """`dst.copy_(src)` and whether `src` holds no NaN and no infinity, in one pass (the copy reads every element
+    anyway); None: nothing done (not two contiguous, same-shape bf16 CPU tensors, or no kernel).
+
+    Measured for a 64 MiB bf16 tensor, one thread: 8.5 ms against 11.1 ms for `copy_` plus 7.8 ms for `finite`."""
+    if (src.dtype != torch.bfloat16 or dst.dtype != torch.bfloat16 or src.device.type != "cpu"
+            or dst.device.type != "cpu" or src.shape != dst.shape or not src.is_contiguous() or not dst.is_contiguous()
+            or src.numel() == 0 or not available()):
+        return None
+    n, lib, sp, dp = src.numel(), _library(), src.data_ptr(), dst.data_ptr()
+    if sp < dp + 2 * n and dp < sp + 2 * n:
+        return None  # overlapping storage: left to torch
+    step = 1 << 16  # elements per piece handed to a thread
+    found = _split(-(-n // step), lambda c0, c1: lib.rlsync_copy_absmax(sp + 2 * c0 * step, dp + 2 * c0 * step,
+                                                                        min(n, c1 * step) - c0 * step), grain=16)
+    return 0xFFFF not in found
 
 
 def tensor_into(w: torch.Tensor, scale_1: torch.Tensor, q: torch.Tensor) -> bool:

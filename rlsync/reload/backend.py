@@ -10,13 +10,15 @@ They are tested against each other: same kernel tensors, bit for bit.
 A group is a plain sequence of `(checkpoint name, full tensor)` pairs: the
 reload system knows nothing of trainers or sources. The caller (the engine)
 checks names and shapes before any load and that every checkpoint tensor
-arrived exactly once; backends only move bytes.
+arrived exactly once; backends only move bytes. The one check a backend may
+take over is NaN / Inf, for tensors it writes with one plain copy
+(`copy_checked`): that copy reads every element anyway.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -45,8 +47,16 @@ class ReloadBackend(abc.ABC):
         """Start a sync: layers accept load-format weights from now on."""
 
     @abc.abstractmethod
-    def load(self, group: Weights) -> None:
-        """Load one group of checkpoint-named full tensors."""
+    def load(self, group: Weights, check: Collection[str] = frozenset()) -> None:
+        """Load one group of checkpoint-named full tensors.
+
+        `check`: names from `copy_checked(group)` to refuse if they hold NaN or Inf
+        (`rlsync.errors.NonFiniteError`, raised once the tensor is written)."""
+
+    def copy_checked(self, group: Weights) -> set[str]:
+        """Names in `group` that `load` writes with one plain copy of the whole tensor and can check for NaN / Inf
+        while copying (`load(group, check=...)`). None by default."""
+        return set()
 
     @abc.abstractmethod
     def commit(self) -> None:

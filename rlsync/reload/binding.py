@@ -68,7 +68,9 @@ class Binder:
     """
 
     def __init__(self, sig: inspect.Signature, loader: Callable) -> None:
-        self.sig, self.name = sig, getattr(loader, "__qualname__", repr(loader))
+        # not repr(loader) as the fallback: a bound method's repr is its module's, which fails while the layer's
+        # parameters are swapped out (vLLM's `extra_repr` reads them)
+        self.sig, self.name = sig, getattr(loader, "__qualname__", None) or type(loader).__qualname__
         params = list(sig.parameters.values())
         self.simple = all(p.kind in _SIMPLE for p in params)
         self.names = [p.name for p in params]

@@ -39,10 +39,11 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from rlsync.adapters import vllm_layers, vllm_load, vllm_tp
-from rlsync.errors import SyncError
+from rlsync.errors import NonFiniteError, SyncError
+from rlsync.quant.finite import copy_finite, is_finite
+from rlsync.quant.layout import stacked_view
 from rlsync.reload.binding import Binder, Bound, binder_for, shard_key
 from rlsync.reload.capture import LayerCapture, TensorSpec, layer_tensors, plain_tensor_attrs
-from rlsync.quant.layout import stacked_view
 from rlsync.reload.plan import LoaderTrace, PlannedCall, Recorder, geometry, span, template, view_of
 
 class LiveBytes:
@@ -237,36 +238,50 @@ class SwappedLayer:
         """A planned call that is one copy: consecutive ones into this parameter may become one copy."""
         return call.copies is not None and len(call.copies) == 1
 
-    def replay_batch(self, calls: list[PlannedCall], tensors: list[torch.Tensor]) -> None:
+    def replay_batch(self, calls: list[PlannedCall], tensors: list[torch.Tensor],
+                     check: list[str | None] | None = None) -> None:
         """Single-copy planned calls for one parameter, as few `copy_`s as the layout allows; same checks and
         counts as `replay`.
 
         The calls are split by shard (`*shard_id*` loader arguments: an expert layer's gate, up, down) and
         geometry; each part whose destinations and sources are evenly spaced views (an MoE layer's experts)
         becomes one copy. Writes leave arrival order only when no two destinations overlap.
+        `check[i]`: the incoming name of `tensors[i]` when its copy must also find it free of NaN / Inf
+        (`rlsync.quant.finite.copy_finite`; `NonFiniteError` once the batch is written), else None.
         """
         for call in calls:
             self._claim(call.key)
         pname = calls[0].pname
         param = self._materialize(pname, self.spec.params[pname])
-        pairs = [(view_of(param, c.copies[0][0]), view_of(t, c.copies[0][1])) for c, t in zip(calls, tensors, strict=True)]
+        names = check if check is not None else [None] * len(calls)
+        pairs = [(view_of(param, c.copies[0][0]), view_of(t, c.copies[0][1]), n)
+                 for c, t, n in zip(calls, tensors, names, strict=True)]
+        bad: list[str] = []
         with torch.no_grad():
-            if _disjoint([d for d, _ in pairs]):
-                parts: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-                for call, (d, s) in zip(calls, pairs, strict=True):
+            if _disjoint([d for d, _, _ in pairs]):
+                parts: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, str | None]]] = {}
+                for call, (d, s, n) in zip(calls, pairs, strict=True):
                     shard = tuple((k, v) for k, v in call.named.items() if "shard" in k)
-                    parts.setdefault((shard, d.shape, d.stride(), s.shape, s.stride()), []).append((d, s))
+                    parts.setdefault((shard, d.shape, d.stride(), s.shape, s.stride()), []).append((d, s, n))
                 pairs = []
                 for part in parts.values():
-                    dst, src = stacked_view([d for d, _ in part]), stacked_view([s for _, s in part])
-                    if dst is not None and src is not None:
-                        dst.copy_(src)
-                    else:
+                    dst, src = stacked_view([d for d, _, _ in part]), stacked_view([s for _, s, _ in part])
+                    if dst is None or src is None:
                         pairs += part
-            for d, s in pairs:
-                d.copy_(s)
+                    elif any(n is not None for _, _, n in part):
+                        if not copy_finite(dst, src):  # which one: only on failure, one pass each
+                            bad += [n for _, s, n in part if n is not None and not is_finite(s)]
+                    else:
+                        dst.copy_(src)
+            for d, s, n in pairs:
+                if n is None:
+                    d.copy_(s)
+                elif not copy_finite(d, s):
+                    bad.append(n)
         for call in calls:
             self._count(pname, call.numel)
+        if bad:
+            raise NonFiniteError(bad[0])
 
     def replay(self, call: PlannedCall, tensor: torch.Tensor) -> None:
         """One planned call: the recorded copies (or the loader, called directly), then the same counting."""
@@ -477,8 +492,13 @@ class ArrivalLayer:
         """The parameter's loader takes many planned shards in one call (`rlsync_batch`)."""
         return hasattr(self.kernels[call.pname][1], "rlsync_batch")
 
-    def replay_batch(self, calls: list[PlannedCall], tensors: list[torch.Tensor]) -> None:
-        """Planned calls for one parameter handed to its loader's `rlsync_batch` together; same checks, same counts."""
+    def replay_batch(self, calls: list[PlannedCall], tensors: list[torch.Tensor],
+                     check: list[str | None] | None = None) -> None:
+        """Planned calls for one parameter handed to its loader's `rlsync_batch` together; same checks, same counts.
+        `check`: as `SwappedLayer.replay_batch` (no copy to fold it into here: one pass before the loader)."""
+        bad = [n for n, t in zip(check or [], tensors, strict=False) if n is not None and not is_finite(t)]
+        if bad:
+            raise NonFiniteError(bad[0])
         for call in calls:
             self._claim(call.key, call.numel)
         kernel, original = self.kernels[calls[0].pname]

@@ -167,6 +167,16 @@ class _Mode(TorchDispatchMode):
         return False
 
 
+def writes_nothing(func, args, kwargs=None) -> bool:
+    """Every tensor `func` may write (its schema's written arguments) is empty, so the op has no effect.
+
+    vLLM's vocabulary loader zero-fills the padding rows past the checkpoint's vocabulary, which are often
+    none: that call is still one plain copy (replayed as a copy; the plan is keyed on the shapes)."""
+    written = [(i, a.name) for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    values = [args[i] if i < len(args) else (kwargs or {}).get(name) for i, name in written]
+    return bool(values) and all(isinstance(v, torch.Tensor) and v.numel() == 0 for v in values)
+
+
 class LoaderTrace(_Mode):
     """Counts the elements a loader call writes with `copy_`, and whether those copies alone are its effect.
 
@@ -183,7 +193,7 @@ class LoaderTrace(_Mode):
         self.param, self.source = param, source
         self.copies: list[tuple[Geometry, Geometry]] | None = [] if param is not None and source is not None else None
 
-    def see(self, func, args) -> None:
+    def see(self, func, args, kwargs=None) -> None:
         if func is torch.ops.aten.copy_.default:
             self.numel += args[0].numel()
             if self.copies is not None:
@@ -192,11 +202,11 @@ class LoaderTrace(_Mode):
                     self.copies = None
                 else:
                     self.copies.append((dst, src))
-        elif func._schema.is_mutable:
+        elif func._schema.is_mutable and not writes_nothing(func, args, kwargs):
             self.copies = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.see(func, args)
+        self.see(func, args, kwargs)
         return func(*args, **(kwargs or {}))
 
 
@@ -216,7 +226,7 @@ class _Watch(_Mode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         rec = self.recorder
         if rec.trace is not None:
-            rec.trace.see(func, args)
+            rec.trace.see(func, args, kwargs)
         elif not rec.inside and func._schema.is_mutable:
             rec.spoil(f"{func} outside a weight loader")
         return func(*args, **(kwargs or {}))

@@ -22,13 +22,14 @@ Modules with buffers only (rotary caches, attention scales) are left alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from torch import nn
 
 from rlsync.adapters import vllm_engine, vllm_layers
-from rlsync.errors import ConfigError, SyncError
+from rlsync.errors import ConfigError, NonFiniteError, SyncError
+from rlsync.quant.finite import is_finite
 from rlsync.reload.backend import ReloadBackend, Weights
 from rlsync.reload.capture import (
     LayerCapture,
@@ -76,6 +77,7 @@ class Reload(ReloadBackend):
         self.open = False
         self._layers: list[tuple[str, Any, str]] | None = None
         self._layers_key: list[tuple[nn.Module, Any]] = []
+        self._looked_up: tuple[Weights, list[tuple[PlannedCall, ...]] | None] | None = None
 
     # ---------------------------------------------------------- queries
     @property
@@ -166,18 +168,45 @@ class Reload(ReloadBackend):
             self.plan.clear()
             self.plan.fingerprint = fingerprint
 
-    def load(self, group: Weights) -> None:
+    def copy_checked(self, group: Weights) -> set[str]:
+        """Names whose replayed calls are each one copy of the whole incoming tensor into a swapped layer's tensor:
+        `SwappedLayer.replay_batch` checks those for NaN / Inf while copying (`rlsync.quant.finite.copy_finite`)."""
+        calls = self._lookup(group)
+        if calls is None:
+            return set()
+        return {name for (name, tensor), planned in zip(group, calls, strict=True)
+                if planned and all(self._copies_whole(call, tensor) for call in planned)}
+
+    def _copies_whole(self, call: PlannedCall, tensor: Any) -> bool:
+        return (call.copies is not None and len(call.copies) == 1 and isinstance(self.by_name.get(call.layer), SwappedLayer)
+                and call.copies[0][1] == (tuple(tensor.shape), tensor.stride(), 0))
+
+    def _lookup(self, group: Weights) -> list[tuple[PlannedCall, ...]] | None:
+        """The plan's calls for `group` (None: record it); kept for the `load` of the same group object."""
+        if self.plan is None or not isinstance(group, Sequence):
+            return None
+        if self._looked_up is not None and self._looked_up[0] is group:
+            return self._looked_up[1]
+        calls = self.plan.lookup(group)
+        self._looked_up = (group, calls)
+        return calls
+
+    def load(self, group: Weights, check: Collection[str] = frozenset()) -> None:
         if not self.open:
             raise SyncError("load() outside a reload session: call begin() first")
         try:
+            calls = self._lookup(group)
+            self._looked_up = None
+            if calls is None and check:  # no copy to fold the check into: one pass before loading
+                bad = next((name for name, tensor in group if name in check and not is_finite(tensor)), None)
+                if bad is not None:
+                    raise NonFiniteError(bad)
             if self.plan is None or not isinstance(group, Sequence):
                 self.loaded_names |= vllm_engine.load_weights(self.model, group)
-                return
-            calls = self.plan.lookup(group)
-            if calls is None:
+            elif calls is None:
                 self._record(group)
             else:
-                self._replay(group, calls)
+                self._replay(group, calls, check)
         finally:
             self.peak_live_bytes = self.live.peak
 
@@ -195,16 +224,19 @@ class Reload(ReloadBackend):
             self.slot.recorder = None
         self.plan.store(recorder)
 
-    def _replay(self, group: Weights, calls: list[tuple[PlannedCall, ...]]) -> None:
-        """Each planned call in arrival order; consecutive calls for one batchable parameter together."""
-        batch: list[tuple[PlannedCall, Any]] = []
+    def _replay(self, group: Weights, calls: list[tuple[PlannedCall, ...]], check: Collection[str] = ()) -> None:
+        """Each planned call in arrival order; consecutive calls for one batchable parameter together.
+        `check`: names to find free of NaN / Inf (`copy_checked`), checked by their copies."""
+        batch: list[tuple[PlannedCall, Any, str | None]] = []
 
         def flush() -> None:
             if batch:
-                self.by_name[batch[0][0].layer].replay_batch([c for c, _ in batch], [t for _, t in batch])
+                self.by_name[batch[0][0].layer].replay_batch([c for c, _, _ in batch], [t for _, t, _ in batch],
+                                                             [n for _, _, n in batch])
                 batch.clear()
 
-        for (_, tensor), planned in zip(group, calls, strict=True):
+        for (name, tensor), planned in zip(group, calls, strict=True):
+            checked = name if name in check else None
             for call in planned:
                 layer = self.by_name.get(call.layer)
                 if layer is None:
@@ -213,9 +245,11 @@ class Reload(ReloadBackend):
                 if layer.batchable(call):
                     if batch and (batch[0][0].layer, batch[0][0].pname) != (call.layer, call.pname):
                         flush()
-                    batch.append((call, tensor))
+                    batch.append((call, tensor, checked))
                     continue
                 flush()
+                if checked is not None and not is_finite(tensor):  # not a copy after all: one pass first
+                    raise NonFiniteError(checked)
                 layer.replay(call, tensor)
         flush()
 
@@ -230,10 +264,12 @@ class Reload(ReloadBackend):
         self.patches.restore()
         self.layers = []
         self.open = False
+        self._looked_up = None
         self.peak_live_bytes = self.live.peak
         vllm_layers.refresh_tied_followers(self.model)
 
     def abort(self) -> None:
+        self._looked_up = None  # no group outlives its sync
         if self.plan is not None:
             self.plan.clear()  # a failed sync records again: never replay decisions made around a failure
         for session in self.layers:

@@ -13,11 +13,13 @@ rlsync adds two fixes on top of vLLM 0.32:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 from typing import Any
 
 import torch
 
 from rlsync.adapters import vllm_engine, vllm_layers, vllm_load
+from rlsync.errors import SyncError
 from rlsync.reload.backend import ReloadBackend, Weights
 
 
@@ -41,7 +43,9 @@ class VLLMLayerwiseBackend(ReloadBackend):
             self._fixes.close()
             raise
 
-    def load(self, group: Weights) -> None:
+    def load(self, group: Weights, check: Collection[str] = frozenset()) -> None:
+        if check:
+            raise SyncError(f"the vllm reload backend checks no copies; asked to check {sorted(check)[:3]}")
         vllm_engine.load_weights(self.model, group)
         self.peak_live_bytes = max(self.peak_live_bytes, vllm_load.layerwise_live_bytes(self.model))
 

@@ -17,7 +17,8 @@ import torch
 
 from rlsync.engine import EngineState
 from rlsync.engine import engine as engine_module
-from rlsync.errors import EngineNotReady, SyncError
+from rlsync.errors import EngineNotReady, NonFiniteError, SyncError
+from rlsync.reload import layer as layer_module
 from rlsync.source import ModuleSource, WeightSource
 from tests.integration.support import make_engine, perturb
 
@@ -125,6 +126,25 @@ def test_source_fault_fails_closed_and_recovers(engine, trainer, fault):
     if exc_type is SyncError:
         assert not isinstance(info.value, (KeyboardInterrupt, SystemExit))
     assert_failed_then_recovers(engine, trainer, step=3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf")], ids=["nan", "inf"])
+def test_a_planned_copy_finds_non_finite_values_while_it_writes(engine, trainer, monkeypatch, bad):
+    """Replayed from the sync plan, the embedding is one plain copy: that copy checks it for NaN / Inf (the engine
+    makes no pass of its own over it), and the sync fails closed as when the engine checks first."""
+    engine.sync(trainer, step=2)
+    assert engine.sync(trainer, step=3).planned is True
+    copies: list[bool] = []
+    checked_first: list[str] = []
+    copy_finite, first_nonfinite = layer_module.copy_finite, engine_module._first_nonfinite
+    monkeypatch.setattr(layer_module, "copy_finite", lambda d, s: copies.append(copy_finite(d, s)) or copies[-1])
+    monkeypatch.setattr(engine_module, "_first_nonfinite",
+                        lambda items: checked_first.extend(n for n, _ in items) or first_nonfinite(items))
+    with pytest.raises(NonFiniteError, match=EMBED):
+        engine.sync(EditedSource(trainer, replaced(EMBED, poisoned(bad))), step=4)
+    assert False in copies and EMBED not in checked_first
+    monkeypatch.undo()
+    assert_failed_then_recovers(engine, trainer, step=5)
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), AttributeError("reader bug")], ids=["interrupt", "bug"])

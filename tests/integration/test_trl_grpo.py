@@ -48,9 +48,9 @@ def _count_loads(monkeypatch):
     calls = []
     original = Reload.load
 
-    def load(self, group):
+    def load(self, group, **kwargs):
         calls.append([name for name, _ in group])
-        return original(self, group)
+        return original(self, group, **kwargs)
 
     monkeypatch.setattr(Reload, "load", load)
     return calls

@@ -142,6 +142,30 @@ def test_finite_check():
     assert cpu_kernel.finite(w.float()) is None and cpu_kernel.finite(w.t()) is None  # not decided here
 
 
+@pytest.mark.parametrize("numel", [1, 31, 32 * 1024 + 17, 3 * (1 << 16) + 5])
+def test_copy_finite_copies_every_element_and_finds_each_non_finite_one(numel):
+    """Every length class (shorter than a vector, a vector tail, several thread pieces with a ragged end) and
+    every position kind (head before the aligned stores, vector body, tail)."""
+    src = weight((1, numel), seed=3).to(torch.bfloat16).reshape(-1)
+    dst = torch.empty(numel + 8, dtype=torch.bfloat16)[3:numel + 3]  # a destination not 32-byte aligned
+    assert cpu_kernel.copy_finite(dst, src) is True and torch.equal(dst.view(torch.int16), src.view(torch.int16))
+    for where in {0, numel // 2, numel - 1}:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            v = src.clone()
+            v[where] = bad
+            out = torch.zeros_like(v)
+            assert cpu_kernel.copy_finite(out, v) is False, (where, bad)
+            assert torch.equal(out.view(torch.int16), v.view(torch.int16))  # copied all the same
+
+
+def test_copy_finite_leaves_what_it_cannot_do_to_torch():
+    w = weight((64, 256), seed=5)
+    assert cpu_kernel.copy_finite(torch.empty(64, 256), w) is None  # another dtype
+    assert cpu_kernel.copy_finite(torch.empty_like(w), w.t()) is None  # not contiguous
+    assert cpu_kernel.copy_finite(torch.empty(32, 512, dtype=torch.bfloat16), w) is None  # another shape
+    assert cpu_kernel.copy_finite(w, w) is None  # overlapping storage
+
+
 def test_division_without_the_divider_on_a_sample_of_every_amax():
     """The per-channel rows divide by a reciprocal and one fused-multiply-add correction where the CPU has FMA;
     scripts/check_e4m3_cast.py --division checks every (amax, x) pair, this a strided sample of the amaxes plus

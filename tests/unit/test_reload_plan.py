@@ -6,7 +6,7 @@ import torch
 
 from rlsync.errors import SyncError
 from rlsync.reload import Reload
-from rlsync.reload.plan import geometry, span, view_of
+from rlsync.reload.plan import LoaderTrace, geometry, span, view_of
 from rlsync.quant.layout import stacked_view
 from tests.unit.support import ToyArrivalQuant, ToyQuant, assert_bits_equal, build_toy, checkpoint_groups, kernel_state
 from tests.unit.test_reload_session import shuffled
@@ -145,6 +145,19 @@ def test_geometry_and_stacked_views():
     assert stacked_view([base[0], base[2], base[1]]) is None  # not evenly spaced in order
     assert stacked_view([base[0, :4], base[0, 2:6]]) is None  # overlapping
     assert stacked_view([base[0], torch.zeros(6)]) is None
+
+
+def test_a_loader_call_with_an_empty_padding_fill_is_still_one_copy():
+    """vLLM's vocabulary loader copies the rows, then zero-fills the padding rows past them: with no padding
+    rows that fill writes nothing and the call is one copy; with padding it is not a plain copy."""
+    loaded = torch.randn(4, 3)
+    for rows, plain in ((4, True), (6, False)):
+        param = torch.full((rows, 3), 7.0)
+        with LoaderTrace(param, loaded) as trace:
+            param[:4].copy_(loaded)
+            param[4:].fill_(0)
+        assert (trace.copies == [(((4, 3), (3, 1), 0), ((4, 3), (3, 1), 0))]) if plain else trace.copies is None
+        assert trace.numel == 12
 
 
 def test_a_mutation_between_loader_calls_is_never_planned(monkeypatch):
