@@ -220,7 +220,7 @@ class VLLMEngine:
                 for group in groups:
                     unchecked = self._check_group(group, received)
                     # tensors the backend writes with one plain copy are checked by that copy (one pass, not two)
-                    by_copy = self.backend.copy_checked(group) & {n for n, _ in unchecked} if unchecked else set()
+                    by_copy = self.backend.copy_checked(group, {n for n, _ in unchecked}) if unchecked else set()
                     self._refuse_nonfinite([(n, t) for n, t in unchecked if n not in by_copy])
                     self.backend.load(group, check=by_copy)
                     counts["groups"] += 1

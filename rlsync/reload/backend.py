@@ -53,9 +53,9 @@ class ReloadBackend(abc.ABC):
         `check`: names from `copy_checked(group)` to refuse if they hold NaN or Inf
         (`rlsync.errors.NonFiniteError`, raised once the tensor is written)."""
 
-    def copy_checked(self, group: Weights) -> set[str]:
-        """Names in `group` that `load` writes with one plain copy of the whole tensor and can check for NaN / Inf
-        while copying (`load(group, check=...)`). None by default."""
+    def copy_checked(self, group: Weights, among: Collection[str] | None = None) -> set[str]:
+        """Names in `group` (of `among`, default all) that `load` writes with one plain copy of the whole tensor and
+        can check for NaN / Inf while copying (`load(group, check=...)`). None by default."""
         return set()
 
     @abc.abstractmethod

@@ -168,14 +168,16 @@ class Reload(ReloadBackend):
             self.plan.clear()
             self.plan.fingerprint = fingerprint
 
-    def copy_checked(self, group: Weights) -> set[str]:
-        """Names whose replayed calls are each one copy of the whole incoming tensor into a swapped layer's tensor:
-        `SwappedLayer.replay_batch` checks those for NaN / Inf while copying (`rlsync.quant.finite.copy_finite`)."""
+    def copy_checked(self, group: Weights, among: Collection[str] | None = None) -> set[str]:
+        """Names (of `among`, default all) whose replayed calls are each one copy of the whole incoming tensor into
+        a swapped layer's tensor: `SwappedLayer.replay_batch` checks those for NaN / Inf while copying
+        (`rlsync.quant.finite.copy_finite`)."""
         calls = self._lookup(group)
         if calls is None:
             return set()
         return {name for (name, tensor), planned in zip(group, calls, strict=True)
-                if planned and all(self._copies_whole(call, tensor) for call in planned)}
+                if (among is None or name in among) and planned
+                and all(self._copies_whole(call, tensor) for call in planned)}
 
     def _copies_whole(self, call: PlannedCall, tensor: Any) -> bool:
         return (call.copies is not None and len(call.copies) == 1 and isinstance(self.by_name.get(call.layer), SwappedLayer)

@@ -15,7 +15,9 @@ converter consumes together (they must travel in one bucket), and
 (for `metadata()`, without gathering).
 
 What this module deliberately does not do: keep its own per-architecture
-table. Whatever transformers' mapping says is what is yielded.
+table. Whatever transformers' mapping says is what is yielded, with one
+difference of layout, not of values: transformers' `Chunk` op runs as views
+(`_view_chunk`), so a fused `gate_up_proj` is not copied whole every sync.
 
 Limitations:
 1. Needs transformers >= 5 (its `core_model_loading` module); older versions
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import sys
 from typing import Any
 
@@ -111,6 +114,8 @@ class CheckpointFormat:
                 self.irreversible.append((matcher, transform, f"{type(exc).__name__}: {exc}"))
         self.renamings = [t for t in reversed_ if isinstance(t, WeightRenaming)]
         self.converters = [t for t in reversed_ if isinstance(t, WeightConverter)]
+        for converter in self.converters:
+            converter.operations = [_as_views(op) for op in converter.operations]
         self._by_pattern = {pattern: c for c in self.converters for pattern in c.source_patterns}
 
     def plan(self, names: list[str]) -> dict[str, Conversion]:
@@ -142,6 +147,43 @@ class CheckpointFormat:
             conversion.sources.append((local, pattern))
             out[name] = conversion
         return out
+
+
+@functools.cache
+def _view_chunk() -> type:
+    """transformers' `Chunk` op (the reverse of `Concatenate`: a fused `gate_up_proj` split into gate and up)
+    returning views of its input where `Chunk` copies each chunk into contiguous memory.
+
+    Why: that copy was the largest single cost of an MoE sync (about a third of a 256-expert FP8 replay) and a
+    temporary as large as the layer's fused gate and up projections. Every consumer of a source's tensors (the
+    engine's loaders, rlsync's copies and quantizers) reads strided rows; the values, shapes and names are
+    `Chunk`'s (`tests/unit/test_source_moe.py` compares them with transformers' own op and checkpoint).
+    """
+    from transformers.core_model_loading import Chunk
+
+    class ViewChunk(Chunk):
+        @torch.no_grad()
+        def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str],
+                    **kwargs: Any) -> dict[str, torch.Tensor]:
+            if len(input_dict) > 1:
+                raise ValueError("Undefined Operation encountered")  # as Chunk
+            tensors = next(iter(input_dict.values()))
+            tensor = tensors[0] if isinstance(tensors, list) else tensors
+            targets = self.get_target_patterns(target_patterns, **kwargs)
+            return dict(zip(targets, torch.chunk(tensor, len(targets), dim=self.dim), strict=False))
+
+    return ViewChunk
+
+
+def _as_views(op: Any) -> Any:
+    """`op`, or for exactly transformers' `Chunk` a `ViewChunk` with the same settings."""
+    from transformers.core_model_loading import Chunk
+
+    if type(op) is not Chunk:
+        return op
+    view = _view_chunk().__new__(_view_chunk())
+    view.__dict__.update(op.__dict__)
+    return view
 
 
 def checkpoint_format(model: nn.Module) -> CheckpointFormat | None:

@@ -112,9 +112,33 @@ def test_trainer_weights_untouched_and_bound_is_one_layer(kind, tmp_path):
         pass
     for name, p in model.named_parameters():
         assert p.data_ptr() == before[name][0] and torch.equal(p, before[name][1]), name
-    # the most alive at once: one layer's fused gate_up copy (split into per-expert tensors), never two layers
+    # nothing alive beyond the trainer's storage: the per-expert gate and up tensors are views of the fused
+    # gate_up (rlsync's view form of transformers' Chunk; transformers' own copies it whole, per layer)
+    assert source.stats.peak_bytes == 0
     gate_up = model.model.layers[0].mlp.experts.gate_up_proj
-    assert source.stats.peak_bytes == gate_up.nbytes
+    layer0 = next(g for g in source.groups() if any(".layers.0." in n for n, _ in g))
+    experts = [t for n, t in layer0 if ".experts.0." in n and any(p in n for p in ("gate_proj", "up_proj", ".w1.", ".w3."))]
+    assert experts and all(t.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr() for t in experts)
+
+
+def test_the_view_chunk_gives_transformers_chunks_values_and_names():
+    from transformers.core_model_loading import Chunk
+
+    from rlsync.source.convert import _as_views
+
+    fused = torch.randn(4, 6, 5)
+    for dim in (0, 1, 2):
+        ours, theirs = _as_views(Chunk(dim=dim)), Chunk(dim=dim)
+        assert type(ours) is not Chunk and isinstance(ours, Chunk) and ours.dim == dim
+        targets = ["a.*", "b.*"] if fused.shape[dim] % 2 == 0 else ["a.*"]
+        got = ours.convert({"x": [fused]}, source_patterns=["x"], target_patterns=targets)
+        want = theirs.convert({"x": [fused]}, source_patterns=["x"], target_patterns=targets)
+        assert list(got) == list(want)
+        for name in want:
+            assert got[name].shape == want[name].shape and torch.equal(got[name], want[name])
+            assert got[name].untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()  # a view, no copy
+    other = object()
+    assert _as_views(other) is other
 
 
 def test_mixtral_names_are_the_checkpoint_names(tmp_path):
