@@ -158,12 +158,33 @@ def test_copy_finite_copies_every_element_and_finds_each_non_finite_one(numel):
             assert torch.equal(out.view(torch.int16), v.view(torch.int16))  # copied all the same
 
 
+def test_strided_expert_views_are_checked_and_copied_block_by_block():
+    """An MoE layer's gate experts: a view into the fused gate_up (every other block of rows), 3-D, unit-stride rows;
+    and a 2-D row-strided slice."""
+    fused = weight((4 * 2 * 8, 64), seed=9).reshape(4, 16, 64)
+    gate, up = fused[:, :8], fused[:, 8:]
+    assert cpu_kernel.finite(gate) is True and cpu_kernel.finite(fused[1, :, :32]) is True
+    out = torch.zeros(4, 8, 64, dtype=torch.bfloat16)
+    assert cpu_kernel.copy_finite(out, gate) is True and torch.equal(out.view(torch.int16), gate.view(torch.int16))
+    wide = torch.zeros(4, 16, 64, dtype=torch.bfloat16)
+    assert cpu_kernel.copy_finite(wide[:, 8:], up) is True and torch.equal(wide[:, 8:], up) and not wide[:, :8].any()
+    for where in ((0, 0, 0), (3, 7, 63), (2, 4, 17)):
+        bad = fused.clone()
+        bad[:, :8][where] = float("nan")
+        assert cpu_kernel.finite(bad[:, :8]) is False and cpu_kernel.finite(bad[:, 8:]) is True
+        out.zero_()
+        assert cpu_kernel.copy_finite(out, bad[:, :8]) is False
+        assert torch.equal(out.view(torch.int16), bad[:, :8].view(torch.int16))  # every block copied all the same
+
+
 def test_copy_finite_leaves_what_it_cannot_do_to_torch():
     w = weight((64, 256), seed=5)
     assert cpu_kernel.copy_finite(torch.empty(64, 256), w) is None  # another dtype
     assert cpu_kernel.copy_finite(torch.empty_like(w), w.t()) is None  # not contiguous
     assert cpu_kernel.copy_finite(torch.empty(32, 512, dtype=torch.bfloat16), w) is None  # another shape
     assert cpu_kernel.copy_finite(w, w) is None  # overlapping storage
+    assert cpu_kernel.copy_finite(w[:, :128], w[:, 64:192]) is None  # overlapping strided views
+    assert cpu_kernel.finite(w[:, ::2]) is None and cpu_kernel.copy_finite(torch.empty(64, 128, dtype=torch.bfloat16), w[:, ::2]) is None
 
 
 def test_division_without_the_divider_on_a_sample_of_every_amax():
