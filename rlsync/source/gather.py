@@ -16,8 +16,8 @@ derives from them (merged LoRA weights, dtype casts). A bucket's bytes are
 added to `stats` when gathered and released when the consumer asks for the
 next bucket, so `stats.peak_bytes` is the most that was alive at once. A
 checkpoint conversion adds the bytes of outputs that are not views of its
-inputs (splitting a fused `gate_up_proj` copies it once; `down_proj` splits
-into views).
+inputs (none for MoE experts: a fused `gate_up_proj` and `down_proj` split
+into views, `convert._view_chunk`).
 
 FSDP1 gathers whole wrapped units in `_scope` and counts them there; its
 items cost only their derived bytes (see `fsdp.py`, limitation 2).

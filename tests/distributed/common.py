@@ -198,13 +198,10 @@ def checkpoint_of(full_state: dict[str, torch.Tensor], template: torch.nn.Module
 
 
 def moe_copy_bytes(model: torch.nn.Module) -> dict:
-    """Bytes per layer group that a source's checkpoint conversion copies: transformers splits each fused
-    `experts.gate_up_proj` into per-expert gate / up tensors with a copy (`down_proj` splits into views)."""
-    sizes: dict = {}
-    for name, p in model.named_parameters():
-        if name.endswith("experts.gate_up_proj"):
-            key = group_key(name)
-            sizes[key] = sizes.get(key, 0) + p.nbytes
+    """Bytes per layer group that a source's checkpoint conversion copies: none. transformers' own `Chunk` copies
+    each fused `experts.gate_up_proj` into gate and up; rlsync runs it as views (`rlsync.source.convert`), and
+    `down_proj` splits into views anyway."""
+    sizes = {group_key(name): 0 for name, _ in model.named_parameters() if name.endswith("experts.gate_up_proj")}
     assert sizes, f"{type(model).__name__} has no fused experts"
     return sizes
 

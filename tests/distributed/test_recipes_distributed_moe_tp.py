@@ -19,19 +19,16 @@ MOE_FSDP2 = "configs/grpo/tiny_cpu_moe_fsdp2.yaml"
 
 
 def moe_layer_sync_bytes() -> int:
-    """What an FSDP2 sync of the tiny Qwen3-MoE holds at its peak: one decoder layer gathered in fp32, its bf16
-    cast, and the bf16 gate / up experts split out of the fused `gate_up_proj` (a copy; `down_proj` splits into
-    views). Read from the checkpoint, whose per-expert tensors hold the same elements as the in-memory layer."""
+    """What an FSDP2 sync of the tiny Qwen3-MoE holds at its peak: one decoder layer gathered in fp32 and its bf16
+    cast (the per-expert gate / up / down tensors are views of the cast fused experts, no copy). Read from the
+    checkpoint, whose per-expert tensors hold the same elements as the in-memory layer."""
     from safetensors import safe_open
 
     from rlsync.default_model import family_spec, tiny_model_path
 
     with safe_open(tiny_model_path(family_spec("qwen3_moe")) / "model.safetensors", "pt") as f:
         numels = {name: f.get_slice(name).get_shape() for name in f.keys() if name.startswith("model.layers.0.")}
-    layer = sum(torch.Size(shape).numel() for shape in numels.values())
-    gate_up = sum(torch.Size(shape).numel() for name, shape in numels.items()
-                  if name.endswith((".gate_proj.weight", ".up_proj.weight")) and ".experts." in name)
-    return layer * (4 + 2) + gate_up * 2
+    return sum(torch.Size(shape).numel() for shape in numels.values()) * (4 + 2)
 
 
 @pytest.fixture(scope="module")

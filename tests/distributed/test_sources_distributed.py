@@ -63,7 +63,8 @@ def test_deepspeed_backends_match_unsharded_model(paths, tmp_path):
 
 def check_moe(rank_results, backends):
     # the workers assert names, shapes, dtypes and bits against save_pretrained's file, one decoder layer per
-    # group, and peak == the largest layer group (gathered backends) + the gate_up split copy; read the figures
+    # group, and peak == the largest layer group (gathered backends; the gate_up split makes views, no copy), 0 for
+    # local ones; read the figures
     res = by_label(rank_results)
     assert set(res) == {f"{family}-{b}" for family in ("qwen3_moe", "mixtral") for b in backends}
     for r in res.values():
@@ -77,7 +78,7 @@ def test_torch_backends_yield_moe_checkpoint_format(moe_paths, tmp_path):
     for rank in ranks:
         res = check_moe(rank, ("ddp", "fsdp1", "fsdp2"))
         for family in ("qwen3_moe", "mixtral"):
-            # DDP gathers nothing (only the split copy); FSDP1 (summon per layer unit) and FSDP2 (full_tensor per
+            # DDP gathers nothing and copies nothing; FSDP1 (summon per layer unit) and FSDP2 (full_tensor per
             # parameter) hold the same one layer at their peak
             assert res[f"{family}-ddp"]["peak"] < res[f"{family}-fsdp1"]["peak"] == res[f"{family}-fsdp2"]["peak"]
 
@@ -88,7 +89,8 @@ def test_deepspeed_backends_yield_moe_checkpoint_format(moe_paths, tmp_path):
         res = check_moe(rank, ("zero2", "zero3"))
         for family in ("qwen3_moe", "mixtral"):
             zero3 = res[f"{family}-zero3"]
-            assert zero3["deepspeed_observed_peak"] < zero3["peak"]  # the split copy is rlsync's, not DeepSpeed's
+            # rlsync holds nothing beyond what DeepSpeed gathered: splitting the fused experts makes views
+            assert zero3["deepspeed_observed_peak"] == zero3["peak"]
             assert res[f"{family}-zero2"]["peak"] < zero3["peak"]
 
 

@@ -6,10 +6,9 @@ rank that the concatenated groups of `source_for(engine)` equal what
 `save_pretrained` writes for the unsharded model (DeepSpeed's consolidated
 state dict, loaded into an unwrapped copy and saved): per-expert names, shapes,
 dtypes and bits. Groups hold one decoder layer each; ZeRO-3's peak of gathered
-bytes is exactly the largest layer group plus the copy that splitting its fused
-`gate_up_proj` makes, and DeepSpeed's own view (parameters available at each
-yield) never exceeds one layer group. ZeRO-2 holds full parameters: only that
-copy.
+bytes is exactly the largest layer group (splitting its fused `gate_up_proj`
+makes views, no copy), and DeepSpeed's own view (parameters available at each
+yield) never exceeds one layer group. ZeRO-2 holds full parameters: nothing.
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/distributed/worker_moe_deepspeed.py QWEN3_MOE_PATH MIXTRAL_PATH
 """

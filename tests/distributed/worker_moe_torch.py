@@ -7,8 +7,8 @@ model (torch.distributed.checkpoint's full state dict, loaded into an unwrapped
 copy and saved): the checkpoint's names (per-expert `experts.{e}.gate_proj` /
 `up_proj` / `down_proj`, Mixtral's `block_sparse_moe.experts.{e}.w1/w2/w3`),
 shapes, dtypes and bits. Groups hold one decoder layer each, and the peak of
-gathered bytes is exactly the largest layer group plus the copy that splitting
-its fused `gate_up_proj` makes (DDP gathers nothing: only that copy).
+gathered bytes is exactly the largest layer group (splitting its fused
+`gate_up_proj` makes views, no copy; DDP gathers nothing: 0).
 
     torchrun --nproc_per_node 2 tests/distributed/worker_moe_torch.py QWEN3_MOE_PATH MIXTRAL_PATH
 """
