@@ -479,19 +479,17 @@ def copy_finite(dst: torch.Tensor, src: torch.Tensor) -> bool | None:
     if (src.dtype != torch.bfloat16 or dst.dtype != torch.bfloat16 or src.device.type != "cpu"
             or dst.device.type != "cpu" or src.shape != dst.shape or src.numel() == 0 or not available()):
         return None
+    if _spans_overlap(src, dst):
+        return None  # overlapping storage: left to torch
     lib, sp, dp = _library(), src.data_ptr(), dst.data_ptr()
     if src.is_contiguous() and dst.is_contiguous():
         n = src.numel()
-        if sp < dp + 2 * n and dp < sp + 2 * n:
-            return None  # overlapping storage: left to torch
         step = 1 << 16  # elements per piece handed to a thread
         found = _split(-(-n // step), lambda c0, c1: lib.rlsync_copy_absmax(sp + 2 * c0 * step, dp + 2 * c0 * step,
                                                                             min(n, c1 * step) - c0 * step), grain=16)
         return 0xFFFF not in found
     a, b = _blocks(src, flat=False), _blocks(dst, flat=False)
     if a is None or b is None or a[:3] != b[:3] or src.dim() != dst.dim():
-        return None
-    if _spans_overlap(src, dst):
         return None
     (num, n, k, sbs, srs), (_, _, _, dbs, drs) = a, b
     return all([lib.rlsync_copy_absmax_rows(sp + 2 * s * sbs, dp + 2 * s * dbs, n, k, srs, drs) != 0xFFFF

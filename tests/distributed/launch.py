@@ -62,7 +62,9 @@ def assert_no_shm_left(port: int) -> None:
     shm = Path("/dev/shm")
     if not shm.is_dir():
         return
-    left = sorted(p.name for p in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    from rlsync.trainer.dist import DEEPSPEED_SHM_PREFIX
+
+    left = sorted(p.name for p in shm.glob(f"{DEEPSPEED_SHM_PREFIX}_*_{port}_*"))
     assert not left, f"the deepspeed launch on port {port} left {left} in /dev/shm"
 
 
