@@ -133,13 +133,15 @@ def local_param(module: torch.nn.Module, pname: str, fulls: list[torch.Tensor]) 
     return torch.cat(fulls, dim=0) if len(fulls) > 1 else fulls[0]
 
 
-def local_expert_shard(module: torch.nn.Module, loaded: torch.Tensor, shard_id: str) -> torch.Tensor:
+def local_expert_shard(module: torch.nn.Module, loaded: torch.Tensor, shard_id: str,
+                       stacked: bool = False) -> torch.Tensor:
     """This rank's part of one expert's checkpoint tensor: gate (`w1`) / up (`w3`) rows or down (`w2`)
-    columns of the intermediate size (vLLM's `_load_w13` / `_load_w2`, without padding)."""
+    columns of the intermediate size (vLLM's `_load_w13` / `_load_w2`, without padding).
+    `stacked`: `loaded` is (experts, ...), the same part of each."""
     size = tp_size(module)
     if size == 1:
         return loaded
-    dim = 1 if shard_id == "w2" else 0
+    dim = (1 if shard_id == "w2" else 0) + int(stacked)
     local = loaded.shape[dim] // size
     return loaded.narrow(dim, _rank(module) * local, local)
 

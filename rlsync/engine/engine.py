@@ -51,7 +51,7 @@ from rlsync.errors import ConfigError, EngineNotReady, NonFiniteError, SyncError
 from rlsync.quant.finite import is_finite
 from rlsync.quant.layout import stacked_view
 from rlsync.reload import ReloadBackend, Weights, capture, get_capture, make_backend
-from rlsync.source import WeightSource, source_for
+from rlsync.source import Stack, WeightSource, source_for, stacks_of
 
 
 ACCEPTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -71,6 +71,15 @@ def _first_nonfinite(items: list[tuple[str, torch.Tensor]]) -> str | None:
         if whole is None or not is_finite(whole):
             bad.update(name for name, t in part if not is_finite(t))
     return next((name for name, _ in items if name in bad), None)
+
+
+def group_nbytes(group: Weights) -> int:
+    """Bytes of a group's tensors (a stack's slices counted once, as its tensor)."""
+    pos, total = 0, 0
+    for stack in stacks_of(group):
+        total += sum(t.nbytes for _, t in group[pos:stack.start]) + stack.tensor.numel() * stack.tensor.element_size()
+        pos = stack.stop
+    return total + sum(t.nbytes for _, t in (group[pos:] if pos else group))
 
 
 class EngineState(enum.Enum):
@@ -135,6 +144,8 @@ class VLLMEngine:
         """FP8 layers' scales (linears' `weight_scale`, experts' `w13_weight_scale` / `w2_weight_scale`),
         checked for finiteness after each sync (`_check_scales`)."""
         self._scale_checked: set[str] = set()
+        self._stack_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+        """A stack's names -> the one checkpoint shape they all have (`_check_stack`)."""
         """Checkpoint names whose finiteness the FP8 scales prove (no separate pass over them)."""
         for name, module in self.model.named_modules():
             scales = {p: t for p, t in module._parameters.items() if p.endswith("weight_scale") and t is not None}
@@ -224,7 +235,7 @@ class VLLMEngine:
                     self._refuse_nonfinite([(n, t) for n, t in unchecked if n not in by_copy])
                     self.backend.load(group, check=by_copy)
                     counts["groups"] += 1
-                    counts["bytes"] += sum(t.nbytes for _, t in group)
+                    counts["bytes"] += group_nbytes(group)
                     del group
             missing = sorted(set(self.checkpoint_shapes) - received)
             if missing:
@@ -262,7 +273,35 @@ class VLLMEngine:
         return report
 
     def _check_group(self, group: Weights, received: set[str]) -> list[tuple[str, torch.Tensor]]:
-        """Names, shapes, dtypes and arrivals checked; returns the tensors still to check for NaN / Inf."""
+        """Names, shapes, dtypes and arrivals checked; returns the tensors still to check for NaN / Inf.
+        A stack of slices (`rlsync.source.StackedGroup`) is checked once for all of them."""
+        unchecked: list[tuple[str, torch.Tensor]] = []
+        pos = 0
+        for stack in stacks_of(group):
+            unchecked += self._check_items(group[pos:stack.start], received)
+            if not self._check_stack(stack, received):
+                unchecked += self._check_items(group[stack.start:stack.stop], received)
+            elif self.config.reject_nonfinite and not self._scale_checked.issuperset(stack.names):
+                unchecked += [(n, t) for n, t in group[stack.start:stack.stop] if n not in self._scale_checked]
+            pos = stack.stop
+        return unchecked + self._check_items(group[pos:] if pos else group, received)
+
+    def _check_stack(self, stack: Stack, received: set[str]) -> bool:
+        """`_check_items` for all of a stack's slices at once; False when their expected shapes differ (then
+        they are checked one by one)."""
+        want = self._stack_shapes.get(stack.names)
+        if want is None:
+            shapes = {self.checkpoint_shapes.get(n) for n in stack.names}
+            if len(shapes) != 1 or None in shapes or len(set(stack.names)) != len(stack.names):
+                return False
+            want = self._stack_shapes[stack.names] = shapes.pop()
+        tensor = stack.tensor
+        if tuple(tensor.shape[1:]) != want or tensor.dtype not in ACCEPTED_DTYPES or not received.isdisjoint(stack.names):
+            return False  # one by one, for the error that names the first offending tensor
+        received.update(stack.names)
+        return True
+
+    def _check_items(self, group: Weights, received: set[str]) -> list[tuple[str, torch.Tensor]]:
         unchecked: list[tuple[str, torch.Tensor]] = []
         for name, tensor in group:
             want = self.checkpoint_shapes.get(name)

@@ -98,21 +98,27 @@ def quantize_expert_shard_into(config: Fp8Config, q_ENK: torch.Tensor, scale: to
 
 
 def quantize_expert_shards_into(config: Fp8Config, q_ENK: torch.Tensor, scale: torch.Tensor, widths: Sequence[int],
-                                shard_id: str, experts: Sequence[int], shards: Sequence[torch.Tensor], dtype: torch.dtype,
-                                pending: Sequence[PendingRows] | None = None, chunk_elems: int = CHUNK_ELEMS) -> None:
+                                shard_id: str, experts: Sequence[int], shards: Sequence[torch.Tensor] | torch.Tensor,
+                                dtype: torch.dtype, pending: Sequence[PendingRows] | None = None,
+                                chunk_elems: int = CHUNK_ELEMS) -> None:
     """`quantize_expert_shard_into` for each (expert, shard), same bits, in as few calls as the layout allows.
 
-    One call covers a run of consecutive experts whose tensors are one strided view (`stacked_view`), in the
-    engine dtype on the kernel's device, for the tensor and channel schemes; it writes into the kernel rows
-    and scales directly, `chunk_elems` elements at a time. Anything else goes shard by shard.
+    One call covers a run of consecutive experts whose tensors are one strided view (`stacked_view`, or
+    `shards` given as one (E, ...) tensor), in the engine dtype on the kernel's device, for the tensor and
+    channel schemes; it writes into the kernel rows and scales directly, `chunk_elems` elements at a time.
+    Anything else goes shard by shard.
     """
+    stackable = config.scheme in ("tensor", "channel")
+    if isinstance(shards, torch.Tensor):
+        stacked = shards if stackable else None
+    else:
+        stacked = stacked_view(shards) if stackable else None
     if len(experts) != len(shards):
         raise ValueError(f"{len(experts)} expert ids for {len(shards)} tensors")
-    stacked = stacked_view(shards) if config.scheme in ("tensor", "channel") else None
     consecutive = all(b == a + 1 for a, b in zip(experts, experts[1:], strict=False))
     if (stacked is None or not consecutive or stacked.dtype != dtype or stacked.device != q_ENK.device
             or shard_id not in SHARD_INDEX or not experts or not 0 <= experts[0] <= experts[-1] < q_ENK.shape[0]):
-        for expert, shard in zip(experts, shards, strict=True):
+        for expert, shard in zip(experts, shards.unbind(0) if isinstance(shards, torch.Tensor) else shards, strict=True):
             quantize_expert_shard_into(config, q_ENK, scale, widths, int(expert), shard_id, shard, dtype, pending)
         return
     index = SHARD_INDEX[shard_id]

@@ -43,6 +43,7 @@ no expert parallelism (see `fp8_moe`).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -197,7 +198,15 @@ class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
                 run.append((loaded, named))
             flush()
 
+        def rlsync_stacked(param: torch.Tensor, stack: torch.Tensor, shard_id: str, experts: Sequence[int]) -> None:
+            """Consecutive experts' shards as one (E, ...) tensor (a replayed stack, `rlsync.reload.stacked`)."""
+            owner = layer_ref()
+            quantize_expert_shards_into(config, param.data, getattr(owner, f"{name}_scale").data, widths, shard_id,
+                                        list(experts), vllm_tp.local_expert_shard(owner, stack, shard_id, stacked=True),
+                                        owner.orig_dtype, pending=pending)
+
         rlsync_expert_arrival_loader.rlsync_batch = rlsync_batch
+        rlsync_expert_arrival_loader.rlsync_stacked = rlsync_stacked
         return rlsync_expert_arrival_loader
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module):

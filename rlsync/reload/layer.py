@@ -31,7 +31,7 @@ way (copy into their storage) and set back as plain attributes. Uninitialized
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ from rlsync.quant.layout import stacked_view
 from rlsync.reload.binding import Binder, Bound, binder_for, shard_key
 from rlsync.reload.capture import LayerCapture, TensorSpec, layer_tensors, plain_tensor_attrs
 from rlsync.reload.plan import LoaderTrace, PlannedCall, Recorder, geometry, span, template, view_of
+from rlsync.reload.stacked import StackedCall
 
 class LiveBytes:
     """Load-format bytes alive right now and the most alive at once."""
@@ -283,6 +284,26 @@ class SwappedLayer:
         if bad:
             raise NonFiniteError(bad[0])
 
+    def takes_stack(self, sc: StackedCall) -> bool:
+        """`replay_stack` can replay it: its calls are one evenly spaced copy each."""
+        return sc.dst is not None
+
+    def replay_stack(self, sc: StackedCall, names: tuple[str, ...], tensor: torch.Tensor, check: Collection[str]) -> None:
+        """A stack's calls as one copy into one view of the parameter; same claims and counts as `replay_batch`.
+        `check`: names (of `names`, the slices' names) to find free of NaN / Inf, by the copy."""
+        if self.done or not self.shards.isdisjoint(sc.keys):
+            self._claim(next((k for k in sc.calls_keys() if k in self.shards), sc.calls[0].key))  # raises as one by one
+        self.shards |= sc.keys
+        param = self._materialize(sc.pname, self.spec.params[sc.pname])
+        with torch.no_grad():
+            dst = view_of(param, sc.dst)
+            ok = copy_finite(dst, tensor) if any(n in check for n in names) else dst.copy_(tensor) is not None
+        self._count(sc.pname, sc.numel)
+        if not ok:  # which one: only on failure, one pass each
+            bad = next((n for n, t in zip(names, tensor.unbind(0), strict=True) if n in check and not is_finite(t)), None)
+            if bad is not None:
+                raise NonFiniteError(bad)
+
     def replay(self, call: PlannedCall, tensor: torch.Tensor) -> None:
         """One planned call: the recorded copies (or the loader, called directly), then the same counting."""
         self._claim(call.key)
@@ -505,6 +526,25 @@ class ArrivalLayer:
         original.rlsync_batch(kernel, [(c.loaded_view(t), c.named) for c, t in zip(calls, tensors, strict=True)])
         for call in calls:
             self._count(call.numel)
+
+    def takes_stack(self, sc: StackedCall) -> bool:
+        """`replay_stack` can replay it: whole slices, consecutive experts, one shard id, a stacking loader."""
+        return (hasattr(self.kernels[sc.pname][1], "rlsync_stacked") and sc.experts is not None
+                and sc.shard_id is not None and all(c.whole for c in sc.calls))
+
+    def replay_stack(self, sc: StackedCall, names: tuple[str, ...], tensor: torch.Tensor, check: Collection[str]) -> None:
+        """A stack's calls as one `rlsync_stacked` loader call; same checks and counts as `replay_batch`."""
+        if any(n in check for n in names) and not is_finite(tensor):
+            bad = next((n for n, t in zip(names, tensor.unbind(0), strict=True) if n in check and not is_finite(t)), None)
+            if bad is not None:
+                raise NonFiniteError(bad)
+        if self.done or not self.shards.isdisjoint(sc.keys) or self.count + sc.numel > self.total:
+            key = next((k for k in sc.calls_keys() if k in self.shards), sc.calls[0].key)
+            raise SyncError(f"{self.name}.{key[0]} loaded twice (shard {dict(key[1]) or 'whole tensor'})")
+        self.shards |= sc.keys
+        kernel, original = self.kernels[sc.pname]
+        original.rlsync_stacked(kernel, tensor, sc.shard_id, sc.experts)
+        self._count(sc.numel)
 
     def finish(self) -> None:
         self.done = True

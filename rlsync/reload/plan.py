@@ -300,6 +300,9 @@ class SyncPlan:
     fingerprint: tuple = ()
     entries: dict[str, tuple[tuple, tuple[PlannedCall, ...] | None]] = dataclasses.field(default_factory=dict)
     """name -> (incoming tensor's `meta_of`, its calls; None: unplannable, always through vLLM)."""
+    stacked: dict[tuple[str, ...], tuple[tuple, Any, list]] = dataclasses.field(default_factory=dict)
+    """A stack's names -> (its tensor's `meta_of`, its `stacked.StackedCall` or None: slice by slice, the slices'
+    calls), derived from `entries` (`Reload._planned`); dropped whenever `entries` change."""
 
     def lookup(self, group: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[PlannedCall, ...]] | None:
         """Every tensor's calls when the whole group is planned with matching metadata, else None."""
@@ -312,10 +315,12 @@ class SyncPlan:
         return out
 
     def store(self, recorder: Recorder) -> None:
+        self.stacked.clear()
         for name, tensor in recorder.group:
             calls = None if recorder.spoiled else tuple(recorder.calls[name])
             self.entries[name] = (meta_of(tensor), calls)
 
     def clear(self) -> None:
         self.entries.clear()
+        self.stacked.clear()
         self.fingerprint = ()

@@ -40,8 +40,14 @@ from rlsync.reload.capture import (
     record_kernel_format,
 )
 from rlsync.reload.layer import ArrivalLayer, InPlaceLayer, LiveBytes, LoaderPatches, Slot, SwappedLayer
-from rlsync.reload.plan import PlannedCall, Recorder, SyncPlan
+from rlsync.reload.plan import PlannedCall, Recorder, SyncPlan, meta_of
+from rlsync.reload.stacked import StackedCall, derive
 from rlsync.reload.support import check_supported
+from rlsync.source.stacked import Stack, stacks_of
+
+
+Planned = tuple[list[tuple[PlannedCall, ...] | None], dict[int, tuple[Stack, StackedCall]]]
+"""A planned group: each item's calls (None inside a stack replayed as one call), and those stacks by start."""
 
 
 def is_arrival_layer(layer: nn.Module) -> bool:
@@ -170,45 +176,78 @@ class Reload(ReloadBackend):
 
     def copy_checked(self, group: Weights, among: Collection[str] | None = None) -> set[str]:
         """Names (of `among`, default all) whose replayed calls are each one copy of the whole incoming tensor into
-        a swapped layer's tensor: `SwappedLayer.replay_batch` checks those for NaN / Inf while copying
-        (`rlsync.quant.finite.copy_finite`)."""
-        calls = self._lookup(group)
-        if calls is None:
+        a swapped layer's tensor (one by one or as a stack): `SwappedLayer.replay_batch` / `replay_stack` check
+        those for NaN / Inf while copying (`rlsync.quant.finite.copy_finite`)."""
+        found = self._lookup(group)
+        if found is None:
             return set()
-        return {name for (name, tensor), planned in zip(group, calls, strict=True)
-                if (among is None or name in among) and planned
-                and all(self._copies_whole(call, tensor) for call in planned)}
+        calls, stacks = found
+        out = {name for (name, tensor), planned in zip(group, calls, strict=True)
+               if planned and (among is None or name in among) and all(self._copies_whole(call, tensor) for call in planned)}
+        for stack, sc in stacks.values():
+            if isinstance(self.by_name[sc.layer], SwappedLayer):
+                out.update(n for n in stack.names if among is None or n in among)
+        return out
 
     def _copies_whole(self, call: PlannedCall, tensor: Any) -> bool:
         return (call.copies is not None and len(call.copies) == 1 and isinstance(self.by_name.get(call.layer), SwappedLayer)
                 and call.copies[0][1] == (tuple(tensor.shape), tensor.stride(), 0))
 
-    def _lookup(self, group: Weights) -> list[tuple[PlannedCall, ...]] | None:
+    def _lookup(self, group: Weights) -> Planned | None:
         """The plan's calls for `group` (None: record it); kept for the `load` of the same group object."""
         if self.plan is None or not isinstance(group, Sequence):
             return None
         if self._looked_up is not None and self._looked_up[0] is group:
             return self._looked_up[1]
-        calls = self.plan.lookup(group)
-        self._looked_up = (group, calls)
-        return calls
+        found = self._planned(group)
+        self._looked_up = (group, found)
+        return found
+
+    def _planned(self, group: Weights) -> Planned | None:
+        """Every item's calls (None for the items of a stack replayed as one call: those by stack start)."""
+        assert self.plan is not None
+        calls: list[tuple[PlannedCall, ...] | None] = []
+        stacks: dict[int, tuple[Stack, StackedCall]] = {}
+        pos = 0
+        for stack in stacks_of(group):
+            part = self.plan.lookup(group[pos:stack.start])
+            known = self.plan.stacked.get(stack.names)
+            meta = meta_of(stack.tensor)
+            if known is None or known[0] != meta:
+                per = self.plan.lookup(group[stack.start:stack.stop])  # every slice recorded, same metadata
+                if per is None:
+                    return None
+                derived = derive(per, stack.tensor)
+                layer = self.by_name.get(derived.layer) if derived is not None else None
+                known = self.plan.stacked[stack.names] = (meta, derived if layer and layer.takes_stack(derived) else None, per)
+            if part is None:
+                return None
+            calls += part
+            if known[1] is None:
+                calls += known[2]
+            else:
+                stacks[stack.start] = (stack, known[1])
+                calls += [None] * len(stack.names)
+            pos = stack.stop
+        tail = self.plan.lookup(group[pos:] if pos else group)
+        return None if tail is None else (calls + tail, stacks)
 
     def load(self, group: Weights, check: Collection[str] = frozenset()) -> None:
         if not self.open:
             raise SyncError("load() outside a reload session: call begin() first")
         try:
-            calls = self._lookup(group)
+            found = self._lookup(group)
             self._looked_up = None
-            if calls is None and check:  # no copy to fold the check into: one pass before loading
+            if found is None and check:  # no copy to fold the check into: one pass before loading
                 bad = next((name for name, tensor in group if name in check and not is_finite(tensor)), None)
                 if bad is not None:
                     raise NonFiniteError(bad)
             if self.plan is None or not isinstance(group, Sequence):
                 self.loaded_names |= vllm_engine.load_weights(self.model, group)
-            elif calls is None:
+            elif found is None:
                 self._record(group)
             else:
-                self._replay(group, calls, check)
+                self._replay(group, found, check)
         finally:
             self.peak_live_bytes = self.live.peak
 
@@ -226,9 +265,10 @@ class Reload(ReloadBackend):
             self.slot.recorder = None
         self.plan.store(recorder)
 
-    def _replay(self, group: Weights, calls: list[tuple[PlannedCall, ...]], check: Collection[str] = ()) -> None:
+    def _replay(self, group: Weights, found: Planned, check: Collection[str] = ()) -> None:
         """Each planned call in arrival order; consecutive calls for one batchable parameter together.
         `check`: names to find free of NaN / Inf (`copy_checked`), checked by their copies."""
+        calls, stacks = found
         batch: list[tuple[PlannedCall, Any, str | None]] = []
 
         def flush() -> None:
@@ -237,7 +277,14 @@ class Reload(ReloadBackend):
                                                              [n for _, _, n in batch])
                 batch.clear()
 
-        for (name, tensor), planned in zip(group, calls, strict=True):
+        for index, ((name, tensor), planned) in enumerate(zip(group, calls, strict=True)):
+            if planned is None:  # a stack's slice: the stack is one call, at its first slice
+                if index in stacks:
+                    flush()
+                    stack, sc = stacks[index]
+                    self.loaded_names.add(f"{sc.layer}.{sc.pname}")
+                    self.by_name[sc.layer].replay_stack(sc, stack.names, stack.tensor, check)
+                continue
             checked = name if name in check else None
             for call in planned:
                 layer = self.by_name.get(call.layer)

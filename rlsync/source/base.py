@@ -1,7 +1,8 @@
 """The trainer-side contract: full tensors, one layer group at a time.
 
 A `WeightSource` hands the engine a model's weights as an iterator of groups,
-each a list of `(hf_name, tensor)`. Groups follow the model's parameter order
+each a sequence of `(hf_name, tensor)` (a list, or a `StackedGroup` that also names
+runs of slices of one tensor: `stacked.py`). Groups follow the model's parameter order
 (embeddings, each decoder layer, final norm + head), which is the order vLLM's
 layerwise reload and rlsync's reload process layers in. A source never holds
 more than one gathered group: it frees group g before gathering g+1, and it
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 Group = list[tuple[str, torch.Tensor]]
+"""What `groups()` yields: a list of pairs, or a `StackedGroup` (a tuple of them, with its stacks)."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

@@ -46,6 +46,7 @@ from torch import nn
 
 from rlsync.errors import ConfigError
 from rlsync.source.names import hf_name
+from rlsync.source.stacked import Stack
 
 _MIN_TRANSFORMERS_MAJOR = 5
 
@@ -80,7 +81,13 @@ class Conversion:
         if self.converter is None:
             (tensor,) = tensors
             return [(self.prefix + self.key, tensor)]
+        return self._apply(tensors, [])
+
+    def _apply(self, tensors: list[torch.Tensor], runs: list) -> list[tuple[str, torch.Tensor]]:
         converter = copy.deepcopy(self.converter)  # transformers keeps one instance per target key
+        for op in converter.operations:
+            if isinstance(op, _stack_split()):
+                op.runs = runs  # it appends each (targets, tensor, slices) it splits
         for (name, pattern), tensor in zip(self.sources, tensors, strict=True):
             converter.add_tensor(self.key, name, pattern, tensor)
         try:
@@ -91,6 +98,28 @@ class Conversion:
                 f"transformers could not convert {names} to checkpoint format with {self.converter!r}: {exc}"
             ) from exc
         return [(self.prefix + name, value[0] if isinstance(value, list) else value) for name, value in out.items()]
+
+    def apply_stacked(self, tensors: list[torch.Tensor]) -> list[tuple[str, torch.Tensor] | Stack]:
+        """`apply`, with each run of outputs that are one tensor's slices (`_stack_split`) as one `Stack`."""
+        if self.converter is None:
+            return self.apply(tensors)
+        runs: list[tuple[tuple[str, ...], torch.Tensor, tuple[torch.Tensor, ...]]] = []
+        pairs = self._apply(tensors, runs)
+        index = {id(value): i for i, (_, value) in enumerate(pairs)}
+        starts: dict[int, Stack] = {}
+        for _, tensor, slices in runs:
+            first = index.get(id(slices[0])) if slices else None
+            run = pairs[first:first + len(slices)] if first is not None else []
+            # the run stands only if a later op changed none of its outputs and they come out in order
+            if len(run) == len(slices) and all(value is s for (_, value), s in zip(run, slices, strict=True)):
+                starts[first] = Stack(tuple(name for name, _ in run), tensor)
+        out: list[tuple[str, torch.Tensor] | Stack] = []
+        i = 0
+        while i < len(pairs):
+            stack = starts.get(i)
+            out.append(pairs[i] if stack is None else stack)
+            i += 1 if stack is None else len(stack.names)
+        return out
 
 
 class CheckpointFormat:
@@ -175,13 +204,46 @@ def _view_chunk() -> type:
     return ViewChunk
 
 
-def _as_views(op: Any) -> Any:
-    """`op`, or for exactly transformers' `Chunk` a `ViewChunk` with the same settings."""
-    from transformers.core_model_loading import Chunk
+@functools.cache
+def _stack_split() -> type:
+    """transformers' `SplitModulelist` (the reverse of `MergeModulelist`: fused experts split into one tensor
+    each) that also records each split whose slices form a `Stack` (`stacked.py`: the engine then takes the
+    run of experts as one tensor). Same outputs, same views: a split along dim 0 with no other dimension of
+    size 1 is `tensor.unbind(0)`, which is what `chunk(...).squeeze()` gives there; anything else runs
+    `SplitModulelist` itself and forms no stack."""
+    from transformers.core_model_loading import SplitModulelist
 
-    if type(op) is not Chunk:
+    class StackSplit(SplitModulelist):
+        runs: list | None = None
+
+        @torch.no_grad()
+        def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str],
+                    **kwargs: Any) -> dict[str, torch.Tensor]:
+            out: dict[str, torch.Tensor] = {}
+            for source_pattern, tensors in input_dict.items():  # SplitModulelist.convert, with unbind where it may
+                tensor = tensors[0] if isinstance(tensors, list) else tensors
+                sizes = tensor.size(self.dim)
+                targets = self.get_target_patterns(input_dict, source_pattern, target_patterns, sizes)
+                if self.dim == 0 and tensor.dim() >= 2 and 1 not in tensor.shape[1:] and self.runs is not None:
+                    slices = tensor.unbind(0)
+                    self.runs.append((tuple(targets), tensor, slices))
+                else:
+                    slices = tuple(chunk.squeeze() for chunk in torch.chunk(tensor, sizes, dim=self.dim))
+                out.update(zip(targets, slices, strict=False))
+            return out
+
+    return StackSplit
+
+
+def _as_views(op: Any) -> Any:
+    """`op`, or for exactly transformers' `Chunk` a `ViewChunk` and for exactly its `SplitModulelist` a
+    `StackSplit`, with the same settings."""
+    from transformers.core_model_loading import Chunk, SplitModulelist
+
+    cls = {Chunk: _view_chunk, SplitModulelist: _stack_split}.get(type(op))
+    if cls is None:
         return op
-    view = _view_chunk().__new__(_view_chunk())
+    view = cls().__new__(cls())
     view.__dict__.update(op.__dict__)
     return view
 

@@ -48,6 +48,7 @@ from rlsync.source.convert import Conversion, checkpoint_format
 from rlsync.source.lockstep import Lockstep, LockstepError, distributed_world
 from rlsync.source.lora import LoraPlan, lora_plan, merged_weight
 from rlsync.source.names import group_key, hf_name, is_trainer_only
+from rlsync.source.stacked import Stack, StackedGroup
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -296,16 +297,20 @@ class GatheringSource(WeightSource):
             out.append((item.name, cast))
         if any(item.conversion is not None for item in bucket):
             inputs = {t.untyped_storage().data_ptr() for _, t in out}
-            out = _checkpoint_format(bucket, [t for _, t in out])
-            new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t in out}
+            parts = _checkpoint_format(bucket, [t for _, t in out], stacked=True)
+            # a stack's slices share its tensor's storage: one look per stack, not per expert
+            new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                   for t in (p.tensor if isinstance(p, Stack) else p[1] for p in parts)}
             derived += sum(nbytes for ptr, nbytes in new.items() if ptr not in inputs)
+            out = StackedGroup(parts) if any(isinstance(p, Stack) for p in parts) else parts
         return out, derived
 
 
-def _checkpoint_format(bucket: list[Item], values: list[torch.Tensor]) -> Group:
-    """The bucket's tensors (in item order) under checkpoint names and layout; unconverted items pass through."""
+def _checkpoint_format(bucket: list[Item], values: list[torch.Tensor], stacked: bool = False) -> list:
+    """The bucket's tensors (in item order) under checkpoint names and layout; unconverted items pass through.
+    `stacked`: runs of slices of one tensor come as one `Stack` (`Conversion.apply_stacked`)."""
     by_name = {item.name: value for item, value in zip(bucket, values, strict=True)}
-    out: Group = []
+    out: list = []
     done: set[int] = set()
     for item, value in zip(bucket, values, strict=True):
         conversion = item.conversion
@@ -314,5 +319,6 @@ def _checkpoint_format(bucket: list[Item], values: list[torch.Tensor]) -> Group:
         elif id(conversion) not in done:
             done.add(id(conversion))
             assert all(name in by_name for name in conversion.input_names), "a conversion was split across buckets"
-            out += conversion.apply([by_name[name] for name in conversion.input_names])
+            inputs = [by_name[name] for name in conversion.input_names]
+            out += conversion.apply_stacked(inputs) if stacked else conversion.apply(inputs)
     return out

@@ -23,7 +23,7 @@ from rlsync.adapters import vllm_engine
 from rlsync.default_model import family_spec, tiny_model_path
 from rlsync.engine.verify import verify_groups
 from rlsync.engine import EngineState
-from rlsync.errors import EngineNotReady, SyncError
+from rlsync.errors import EngineNotReady, NonFiniteError, SyncError
 from rlsync.reload import make_backend
 from rlsync.source import ModuleSource
 from tests.integration.support import SEQS, dequantized_trainer, hf_logprobs, kernel_bits, make_engine, perturb
@@ -100,6 +100,9 @@ def test_sync_equals_a_fresh_engine_on_both_backends(family, scheme, tmp_path):
         other = _trainer(path)
         perturb(other, scale=0.02, seed=2)
         assert engine.sync(other, step=2).planned is True
+        # each layer's routed experts arrive as three stacks (gate, up, down), each replayed as one call
+        stacked = [known[1] for known in engine.backend.plan.stacked.values()]
+        assert len(stacked) == 3 * 2 and all(sc is not None for sc in stacked)
         report = engine.sync(trainer, step=3, verify=True)
         assert report.planned is True and report.num_verified == report.num_written == len(want)
         _assert_same(kernel_bits(engine), want)
@@ -266,4 +269,29 @@ def test_an_moe_engine_builds_next_to_a_live_dense_engine(tiny_path):
         assert dense.score(SEQS[:1])[0].isfinite().all()
     finally:
         del dense, moe
+        gc.collect()
+
+
+def test_a_stacked_bf16_expert_with_inf_is_found_by_the_stacks_copy():
+    """bf16 experts replayed as stacks (one copy per stack) are checked for NaN / Inf by that copy, with no pass
+    of the engine's own: the error names the expert, the engine is FAILED, the next good sync recovers."""
+    path = tiny_model_path(family_spec("qwen3_moe"))
+    engine = _engine(path, None)
+    try:
+        trainer = _trainer(path)
+        engine.sync(trainer, step=1)
+        assert engine.sync(trainer, step=2).planned is True
+        stacked = [known[1] for known in engine.backend.plan.stacked.values()]
+        assert len(stacked) == 6 and all(sc is not None and sc.dst is not None for sc in stacked)  # copies
+        with torch.no_grad():
+            trainer.model.layers[1].mlp.experts.down_proj[5, 3, 2] = float("-inf")
+        with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.experts\.5\.down_proj\.weight"):
+            engine.sync(trainer, step=3)
+        assert engine.state is EngineState.FAILED
+        with torch.no_grad():
+            trainer.model.layers[1].mlp.experts.down_proj[5, 3, 2] = 0.0
+        report = engine.sync(trainer, step=4, verify=True)
+        assert engine.state is EngineState.READY and report.num_verified == report.num_written
+    finally:
+        del engine
         gc.collect()
