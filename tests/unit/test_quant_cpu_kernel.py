@@ -11,7 +11,9 @@ def test_the_kernel_builds_here():
     """This project's machines have a C compiler (Inductor needs one too); a user's without one runs `fused`."""
     assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
 
-SHAPES = [(2816, 1024), (257, 129), (7, 5), (1, 1), (64, 4096)]
+SHAPES = [(2816, 1024), (257, 129), (7, 5), (1, 1), (64, 4096), (300, 32), (45, 100), (20, 8), (64, 128)]
+"""Long rows; rows of at most 128 (8 rows at a time: the 256-expert down projections are 32 wide), with and
+without a whole number of 8 rows, 16-element steps or 32-element steps."""
 
 
 def bits(t):
