@@ -141,6 +141,9 @@ class CheckpointFormat:
                                           list(transform._original_source_patterns))
                 matcher.scope_prefix, matcher.base_model_prefix = transform.scope_prefix, transform.base_model_prefix
                 self.irreversible.append((matcher, transform, f"{type(exc).__name__}: {exc}"))
+        self.signature = tuple((repr(t), [(type(op).__name__, repr(vars(op))) for op in getattr(t, "operations", ())])
+                               for t in reversed_)
+        """What the conversion does (transforms, their ops and settings): equal signatures, equal outputs."""
         self.renamings = [t for t in reversed_ if isinstance(t, WeightRenaming)]
         self.converters = [t for t in reversed_ if isinstance(t, WeightConverter)]
         for converter in self.converters:

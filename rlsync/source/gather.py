@@ -10,6 +10,14 @@ after the gather of the bucket that holds them), tied weights yielded once,
 grouping by layer, the byte budget, lockstep checks between ranks
 (`lockstep.py`) and the count of gathered bytes alive.
 
+Conversions kept across syncs: where a backend hands over the trainer's own
+tensors (`own_storage`: a plain module, DDP, ZeRO-1/2) and a bucket's
+conversion yields only views of them, the converted group is kept (weakly per
+model) and yielded again while every input still lies in the same memory with
+the same shape, stride and dtype: the views then show the trainer's current
+values, and transformers' ops need not run per expert every step. A cast, a
+LoRA merge, a gathered copy or a re-allocated parameter converts again.
+
 Byte accounting: an item costs the bytes its gather materializes (full
 tensors of sharded parameters, counted by the backend) plus the bytes rlsync
 derives from them (merged LoRA weights, dtype casts). A bucket's bytes are
@@ -37,6 +45,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -123,6 +132,9 @@ class GatheringSource(WeightSource):
 
     #: Whether `_gather`/`_scope` run collectives (then ranks check lockstep before each).
     collective: bool = False
+    #: Whether `_gather` hands over the trainer's own parameter tensors (not gathered copies): then a bucket's
+    #: checkpoint conversion made only of views is kept for the next sync (`_finish`).
+    own_storage: bool = False
 
     def __init__(self, model: torch.nn.Module, config: SourceConfig | None = None, /, *, lora: LoraPlan | None = None,
                  **options: Any) -> None:
@@ -296,14 +308,36 @@ class GatheringSource(WeightSource):
                 derived += cast.nbytes
             out.append((item.name, cast))
         if any(item.conversion is not None for item in bucket):
+            # The trainer's own tensors where the last sync found them: its conversion (views of them, so of
+            # their current values) still holds, and transformers' ops need not run per expert again.
+            kept = _CONVERTED.setdefault(self.model, {}) if self.own_storage and not derived else None
+            names = tuple(item.name for item in bucket)
+            where = (self.format.signature if self.format else None, tuple(_where(t) for _, t in out))
+            cached = kept.get(names) if kept is not None else None
+            if cached is not None and cached[0] == where:
+                return (cached[1] if isinstance(cached[1], StackedGroup) else list(cached[1])), 0
             inputs = {t.untyped_storage().data_ptr() for _, t in out}
             parts = _checkpoint_format(bucket, [t for _, t in out], stacked=True)
             # a stack's slices share its tensor's storage: one look per stack, not per expert
             new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                    for t in (p.tensor if isinstance(p, Stack) else p[1] for p in parts)}
-            derived += sum(nbytes for ptr, nbytes in new.items() if ptr not in inputs)
+            copies = sum(nbytes for ptr, nbytes in new.items() if ptr not in inputs)
             out = StackedGroup(parts) if any(isinstance(p, Stack) for p in parts) else parts
+            if kept is not None and not copies:  # views only: never a stale value
+                kept[names] = (where, out if isinstance(out, StackedGroup) else tuple(out))
+            derived += copies
         return out, derived
+
+
+_CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per trainer model (held weakly; a sync builds a new source each step): bucket names -> (the conversion's
+signature and where the bucket's inputs lie, its converted group), for `own_storage` sources (`_finish`). It
+holds views of the trainer's own tensors only: no bytes of its own while those tensors stay where they are."""
+
+
+def _where(t: torch.Tensor) -> tuple:
+    """Which memory a tensor views, and how (a live storage's address is its own while it is alive)."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device
 
 
 def _checkpoint_format(bucket: list[Item], values: list[torch.Tensor], stacked: bool = False) -> list:

@@ -26,6 +26,8 @@ from rlsync.source.gather import Entry, GatheringSource
 class ModuleSource(GatheringSource):
     """Weights of a module with local parameters (unwraps DDP's `.module`)."""
 
+    own_storage = True
+
     def __init__(self, model: nn.Module, config: SourceConfig | None = None, /, **options: Any) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module

@@ -63,3 +63,32 @@ def test_the_moe_source_yields_each_layers_experts_as_three_stacks(kind):
         for stack in stacks:
             for i, (name, tensor) in enumerate(group[stack.start:stack.stop]):
                 assert name == stack.names[i] and _same_view(tensor, stack.tensor[i])
+
+
+def _layer0(model, **options):
+    return next(g for g in ModuleSource(model, **options).groups() if stacks_of(g))
+
+
+def test_a_conversion_of_the_trainers_own_tensors_is_kept_across_syncs_and_never_stale():
+    """A sync builds a new source each step; the converted layer (views of the trainer's tensors) is reused while
+    those tensors stay where they are, so in-place updates show, and a re-allocated tensor converts again."""
+    model = _build("qwen3_moe")
+    first = _layer0(model)
+    assert _layer0(model) is first  # the same group: transformers' ops did not run per expert again
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.down_proj.add_(1.0)  # an optimizer step: in place
+    again = _layer0(model)
+    assert again is first
+    name, tensor = next((n, t) for n, t in again if n.endswith("experts.1.down_proj.weight"))
+    assert torch.equal(tensor, experts.down_proj[1])
+    experts.down_proj.data = experts.down_proj.data * 2  # re-allocated: never the stale views
+    fresh = _layer0(model)
+    assert fresh is not first
+    assert torch.equal(dict(fresh)[name], experts.down_proj[1]) and not torch.equal(dict(first)[name], dict(fresh)[name])
+
+
+def test_a_cast_or_merged_conversion_is_never_kept():
+    model = _build("qwen3_moe").to(torch.float32)
+    first = _layer0(model, dtype=torch.bfloat16)  # cast per sync: a new tensor every time
+    assert _layer0(model, dtype=torch.bfloat16) is not first
