@@ -144,9 +144,9 @@ class VLLMEngine:
         """FP8 layers' scales (linears' `weight_scale`, experts' `w13_weight_scale` / `w2_weight_scale`),
         checked for finiteness after each sync (`_check_scales`)."""
         self._scale_checked: set[str] = set()
+        """Checkpoint names whose finiteness the FP8 scales prove (no separate pass over them)."""
         self._stack_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
         """A stack's names -> the one checkpoint shape they all have (`_check_stack`)."""
-        """Checkpoint names whose finiteness the FP8 scales prove (no separate pass over them)."""
         for name, module in self.model.named_modules():
             scales = {p: t for p, t in module._parameters.items() if p.endswith("weight_scale") and t is not None}
             if not scales:

@@ -295,9 +295,13 @@ class SwappedLayer:
             self._claim(next((k for k in sc.calls_keys() if k in self.shards), sc.calls[0].key))  # raises as one by one
         self.shards |= sc.keys
         param = self._materialize(sc.pname, self.spec.params[sc.pname])
+        dst = view_of(param, sc.dst)
+        ok = True
         with torch.no_grad():
-            dst = view_of(param, sc.dst)
-            ok = copy_finite(dst, tensor) if any(n in check for n in names) else dst.copy_(tensor) is not None
+            if any(n in check for n in names):
+                ok = copy_finite(dst, tensor)
+            else:
+                dst.copy_(tensor)
         self._count(sc.pname, sc.numel)
         if not ok:  # which one: only on failure, one pass each
             bad = next((n for n, t in zip(names, tensor.unbind(0), strict=True) if n in check and not is_finite(t)), None)

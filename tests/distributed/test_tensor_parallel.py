@@ -4,8 +4,9 @@ One torchrun launch of `worker_tp.py` builds, one after another, a TP-2 engine
 per case: the built-in tiny Qwen2 in bf16, vLLM's `fp8_per_channel` and each
 `rlsync_fp8` scheme, Phi-3 (checkpoint-fused qkv / gate_up, split per rank)
 in FP8 channel, and Qwen3-MoE (every expert's part of the intermediate
-size on each rank; vLLM's MoE runner all-reduces the partial outputs) in bf16
-and FP8 block (block rows straddling the rank's gate / up parts). For each it syncs twice with `verify=True` (each rank
+size on each rank; vLLM's MoE runner all-reduces the partial outputs) in bf16,
+FP8 block (block rows straddling the rank's gate / up parts) and FP8 channel (the
+replay quantizes each stack of experts' rank parts in one call). For each it syncs twice with `verify=True` (each rank
 proves its own shard bit for bit; the second sync replays the sync plan) and
 compares log-probs with the reference the engine must match (the trainer for
 bf16; its FP8 dequantization as the TP-2 engine stores it for FP8), within the
@@ -27,7 +28,7 @@ from tests.distributed import launch
 pytestmark = pytest.mark.distributed
 
 CASES = ["qwen2:bf16", "qwen2:fp8_per_channel", "qwen2:tensor", "qwen2:block", "phi3:channel", "qwen3_moe:bf16",
-         "qwen3_moe:block", "qwen2:channel"]
+         "qwen3_moe:block", "qwen3_moe:channel", "qwen2:channel"]
 
 
 @pytest.fixture(scope="module")
