@@ -51,7 +51,7 @@ from rlsync.errors import ConfigError, EngineNotReady, NonFiniteError, SyncError
 from rlsync.quant.finite import is_finite
 from rlsync.quant.layout import stacked_view
 from rlsync.reload import ReloadBackend, Weights, capture, get_capture, make_backend
-from rlsync.source import Stack, WeightSource, source_for, stacks_of
+from rlsync.source import Stack, WeightSource, segments, source_for
 
 
 ACCEPTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -75,11 +75,8 @@ def _first_nonfinite(items: list[tuple[str, torch.Tensor]]) -> str | None:
 
 def group_nbytes(group: Weights) -> int:
     """Bytes of a group's tensors (a stack's slices counted once, as its tensor)."""
-    pos, total = 0, 0
-    for stack in stacks_of(group):
-        total += sum(t.nbytes for _, t in group[pos:stack.start]) + stack.tensor.numel() * stack.tensor.element_size()
-        pos = stack.stop
-    return total + sum(t.nbytes for _, t in (group[pos:] if pos else group))
+    return sum(sum(t.nbytes for _, t in pairs) if stack is None else stack.tensor.numel() * stack.tensor.element_size()
+               for pairs, stack in segments(group))
 
 
 class EngineState(enum.Enum):
@@ -276,15 +273,12 @@ class VLLMEngine:
         """Names, shapes, dtypes and arrivals checked; returns the tensors still to check for NaN / Inf.
         A stack of slices (`rlsync.source.StackedGroup`) is checked once for all of them."""
         unchecked: list[tuple[str, torch.Tensor]] = []
-        pos = 0
-        for stack in stacks_of(group):
-            unchecked += self._check_items(group[pos:stack.start], received)
-            if not self._check_stack(stack, received):
-                unchecked += self._check_items(group[stack.start:stack.stop], received)
+        for pairs, stack in segments(group):
+            if stack is None or not self._check_stack(stack, received):
+                unchecked += self._check_items(pairs, received)
             elif self.config.reject_nonfinite and not self._scale_checked.issuperset(stack.names):
-                unchecked += [(n, t) for n, t in group[stack.start:stack.stop] if n not in self._scale_checked]
-            pos = stack.stop
-        return unchecked + self._check_items(group[pos:] if pos else group, received)
+                unchecked += [(n, t) for n, t in pairs if n not in self._scale_checked]
+        return unchecked
 
     def _check_stack(self, stack: Stack, received: set[str]) -> bool:
         """`_check_items` for all of a stack's slices at once; False when their expected shapes differ (then

@@ -128,6 +128,14 @@ def _record(slot: Slot, layer: str, pname: str, key: tuple, numel: int, bound: B
                                 copies=None if copies is None else tuple(copies), whole=whole))
 
 
+def _refuse_nonfinite_slice(names: tuple[str, ...], tensor: torch.Tensor, check: Collection[str]) -> None:
+    """`NonFiniteError` naming the first slice of a stack (`names[i]` is `tensor[i]`) that must be checked and holds
+    NaN or Inf; only after the stack as a whole failed its check: one pass per slice."""
+    bad = next((n for n, t in zip(names, tensor.unbind(0), strict=True) if n in check and not is_finite(t)), None)
+    if bad is not None:
+        raise NonFiniteError(bad)
+
+
 def _disjoint(views: list[torch.Tensor]) -> bool:
     """No two views touch the same storage elements (checked on their spans, which is stricter)."""
     spans = sorted(span(v) for v in views)
@@ -303,10 +311,8 @@ class SwappedLayer:
             else:
                 dst.copy_(tensor)
         self._count(sc.pname, sc.numel)
-        if not ok:  # which one: only on failure, one pass each
-            bad = next((n for n, t in zip(names, tensor.unbind(0), strict=True) if n in check and not is_finite(t)), None)
-            if bad is not None:
-                raise NonFiniteError(bad)
+        if not ok:
+            _refuse_nonfinite_slice(names, tensor, check)
 
     def replay(self, call: PlannedCall, tensor: torch.Tensor) -> None:
         """One planned call: the recorded copies (or the loader, called directly), then the same counting."""
@@ -539,9 +545,7 @@ class ArrivalLayer:
     def replay_stack(self, sc: StackedCall, names: tuple[str, ...], tensor: torch.Tensor, check: Collection[str]) -> None:
         """A stack's calls as one `rlsync_stacked` loader call; same checks and counts as `replay_batch`."""
         if any(n in check for n in names) and not is_finite(tensor):
-            bad = next((n for n, t in zip(names, tensor.unbind(0), strict=True) if n in check and not is_finite(t)), None)
-            if bad is not None:
-                raise NonFiniteError(bad)
+            _refuse_nonfinite_slice(names, tensor, check)
         if self.done or not self.shards.isdisjoint(sc.keys) or self.count + sc.numel > self.total:
             key = next((k for k in sc.calls_keys() if k in self.shards), sc.calls[0].key)
             raise SyncError(f"{self.name}.{key[0]} loaded twice (shard {dict(key[1]) or 'whole tensor'})")

@@ -43,7 +43,7 @@ from rlsync.reload.layer import ArrivalLayer, InPlaceLayer, LiveBytes, LoaderPat
 from rlsync.reload.plan import PlannedCall, Recorder, SyncPlan, meta_of
 from rlsync.reload.stacked import StackedCall, derive
 from rlsync.reload.support import check_supported
-from rlsync.source.stacked import Stack, stacks_of
+from rlsync.source.stacked import Stack, segments
 
 
 Planned = tuple[list[tuple[PlannedCall, ...] | None], dict[int, tuple[Stack, StackedCall]]]
@@ -208,29 +208,29 @@ class Reload(ReloadBackend):
         assert self.plan is not None
         calls: list[tuple[PlannedCall, ...] | None] = []
         stacks: dict[int, tuple[Stack, StackedCall]] = {}
-        pos = 0
-        for stack in stacks_of(group):
-            part = self.plan.lookup(group[pos:stack.start])
-            known = self.plan.stacked.get(stack.names)
-            meta = meta_of(stack.tensor)
-            if known is None or known[0] != meta:
-                per = self.plan.lookup(group[stack.start:stack.stop])  # every slice recorded, same metadata
-                if per is None:
-                    return None
-                derived = derive(per, stack.tensor)
-                layer = self.by_name.get(derived.layer) if derived is not None else None
-                known = self.plan.stacked[stack.names] = (meta, derived if layer and layer.takes_stack(derived) else None, per)
-            if part is None:
+        for pairs, stack in segments(group):
+            per = self.plan.lookup(pairs) if stack is None else self._planned_stack(stack, pairs)
+            if per is None:
                 return None
-            calls += part
-            if known[1] is None:
-                calls += known[2]
-            else:
-                stacks[stack.start] = (stack, known[1])
-                calls += [None] * len(stack.names)
-            pos = stack.stop
-        tail = self.plan.lookup(group[pos:] if pos else group)
-        return None if tail is None else (calls + tail, stacks)
+            if stack is not None and isinstance(per, StackedCall):
+                stacks[stack.start] = (stack, per)
+                per = [None] * len(pairs)
+            calls += per
+        return calls, stacks
+
+    def _planned_stack(self, stack: Stack, pairs: Weights) -> StackedCall | list[tuple[PlannedCall, ...]] | None:
+        """The stack as one call, else its slices' calls (None: record the group)."""
+        assert self.plan is not None
+        meta = meta_of(stack.tensor)
+        known = self.plan.stacked.get(stack.names)
+        if known is None or known[0] != meta:
+            per = self.plan.lookup(pairs)  # every slice recorded, same metadata
+            if per is None:
+                return None
+            derived = derive(per, stack.tensor)
+            layer = self.by_name.get(derived.layer) if derived is not None else None
+            known = self.plan.stacked[stack.names] = (meta, derived if layer and layer.takes_stack(derived) else None, per)
+        return known[2] if known[1] is None else known[1]
 
     def load(self, group: Weights, check: Collection[str] = frozenset()) -> None:
         if not self.open:

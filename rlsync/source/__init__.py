@@ -14,11 +14,11 @@ from rlsync.source.lockstep import LockstepError
 from rlsync.source.names import group_key, hf_name, is_trainer_only
 from rlsync.source.plain import ModuleSource
 from rlsync.source.select import source_for
-from rlsync.source.stacked import Stack, StackedGroup, stacks_of
+from rlsync.source.stacked import Stack, StackedGroup, segments, stacks_of
 from rlsync.source.zero import Zero3Source
 
 __all__ = [
     "FSDP1Source", "FSDP2Source", "GatherStats", "GatheringSource", "Group", "LockstepError", "ModuleSource",
     "SourceConfig", "Stack", "StackedGroup", "TensorMeta", "WeightSource", "Zero3Source", "group_key", "hf_name", "is_trainer_only",
-    "source_for", "stacks_of",
+    "segments", "source_for", "stacks_of",
 ]

@@ -26,7 +26,7 @@ Limitations:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -76,3 +76,16 @@ class StackedGroup(tuple):
 def stacks_of(group: Sequence[tuple[str, torch.Tensor]]) -> tuple[Stack, ...]:
     """The group's stacks (none for a plain sequence of pairs)."""
     return group.stacks if isinstance(group, StackedGroup) else ()
+
+
+def segments(group: Sequence[tuple[str, torch.Tensor]]) -> Iterator[tuple[Sequence[tuple[str, torch.Tensor]], Stack | None]]:
+    """The group in order as runs of pairs: `(pairs, None)` between stacks, `(its pairs, stack)` for each stack
+    (empty runs left out; a plain sequence is one run)."""
+    pos = 0
+    for stack in stacks_of(group):
+        if stack.start > pos:
+            yield group[pos:stack.start], None
+        yield group[stack.start:stack.stop], stack
+        pos = stack.stop
+    if pos < len(group) or not pos:
+        yield (group[pos:] if pos else group), None
