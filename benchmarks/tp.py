@@ -145,15 +145,19 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")  # before the engine (external_launcher builds its groups from it)
+    from rlsync.adapters.vllm_layers import kernel_nbytes
     from rlsync.engine import VLLMEngine
 
     start = time.perf_counter()
     engine = VLLMEngine(args.model_path, tensor_parallel_size=args.tp, **quant_kwargs(args.quant))
     build_s = time.perf_counter() - start
     trainer = trainer_model(args.model_path)
-    kernel = [t for _, t in engine.named_kernel_tensors()]
-    engine_bytes = sum(t.nbytes for t in kernel)
-    read_bytes = sum(2 * t.numel() for t in kernel)
+    # a weight vLLM packed into a oneDNN / sgl handle (AVX-512, AMX) is empty on the module: count it unpacked
+    owners = {id(p): (m, n) for _, m in reversed(list(engine.model.named_modules()))
+              for n, p in m.named_parameters(recurse=False)}  # a tied parameter counts once, at its first owner
+    held = [(kernel_nbytes(*owners[id(p)]), p.element_size()) for _, p in engine.named_kernel_tensors()]
+    engine_bytes = sum(nbytes for nbytes, _ in held)
+    read_bytes = sum(2 * nbytes // size for nbytes, size in held)
     times, cpu_times, planned = [], [], []
     for step in range(1, args.repeats + 2):
         dist.barrier()

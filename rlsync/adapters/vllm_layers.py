@@ -72,13 +72,25 @@ def read_kernel_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
     handle (`layer.cpu_linear`) and leaves an empty `weight`. We read those back
     exactly by multiplying with the identity: every output element is one bf16
     weight times 1 accumulated in fp32, so `cpu_linear(I) = W^T` bit for bit.
+    On AMX CPUs small weights go to vLLM's sgl-kernel GEMM instead (packed the
+    same way, weight left empty); replicated linears such as MoE router gates
+    (`GateLinear`) have no `input_size_per_partition`, only `input_size`.
     """
     tensor = getattr(module, name)
     if name == "weight" and hasattr(module, "cpu_linear"):
-        k = tensor.shape[1] if tensor.numel() else module.input_size_per_partition
+        k = tensor.shape[1] if tensor.numel() else getattr(module, "input_size_per_partition", None) or module.input_size
         eye = torch.eye(k, dtype=tensor.dtype, device=tensor.device)
         return module.cpu_linear(eye, tensor, None).t().contiguous()
     return tensor
+
+
+def kernel_nbytes(module: torch.nn.Module, name: str) -> int:
+    """Bytes of a parameter's values as the kernel holds them: a weight vLLM packed away on CPU (left empty,
+    `read_kernel_tensor`) counts at its unpacked size."""
+    tensor = getattr(module, name)
+    if tensor.numel() == 0 and name == "weight" and hasattr(module, "cpu_linear"):
+        return read_kernel_tensor(module, name).nbytes
+    return tensor.nbytes
 
 
 def tied_followers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -71,6 +71,9 @@ EXPECTED_NOTICES: tuple[tuple[str, str], ...] = (
     ("CPU backend doesn't allow to use `torch.set_num_threads`",
      "vLLM's CPU worker pins the process's threads and turns every later torch.set_num_threads call, the "
      "colocated trainer's libraries' included, into this notice"),
+    ("Reset SSM cache type to float32 for accelerated GDN mamba backend",
+     "on CPUs with AVX-512 BF16 vLLM's CPU platform sets the state-space-model cache dtype of every engine; "
+     "transformer models have no such cache"),
     ("Failed to create oneDNN linear, fallback to torch linear",
      "where oneDNN has no kernel for an unquantized layer's shape and dtype, vLLM uses torch's linear (same "
      "result)"),

@@ -131,7 +131,10 @@ def expected_tensors(item: _Item, tensors: dict[str, torch.Tensor]) -> dict[str,
             dtype = getattr(item.module, "orig_dtype", torch.bfloat16)
             out.update(ref(item.module, full.to(dtype)))
         else:
-            out[pname] = full.to(current.dtype)
+            # through the dtype vLLM's loader cast it to (`params_dtype`): on AMX CPUs processing keeps a small
+            # linear's bias in float32 for vLLM's sgl GEMM, which holds bf16-rounded values, not the trainer's
+            load = getattr(item.module, "params_dtype", None)
+            out[pname] = (full if load is None else full.to(load)).to(current.dtype)
     return out
 
 

@@ -46,6 +46,15 @@ TOL = {"bf16": 0.02, "fp8_per_channel": 0.1, "tensor": 0.03, "channel": 0.03, "b
 """bf16: tests/integration/test_engine_sync.py; rlsync_fp8 (weight-only, emulated): test_family_matrix.py;
 vLLM's fp8_per_channel also quantizes activations per token (W8A8), which the weight-only reference leaves
 out: test_engine_sync.py's 0.1 for that method."""
+MOE_FP8_TOL = 0.05
+"""FP8 experts against the fake-quantized model: tests/integration/test_moe_sync.py's tolerance (router near-ties
+move more under the FP8 experts; 0.038 seen here at TP 2 on an AMX CPU, whose small GEMMs run vLLM's sgl kernel)."""
+
+
+def tolerance(family: str, config: str) -> float:
+    return MOE_FP8_TOL if family.endswith("_moe") and config != "bf16" else TOL[config]
+
+
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
 
@@ -135,9 +144,9 @@ def run_case(path: str, family: str, config: str) -> dict:
         diff = max_diff(engine.score(SEQS), hf_logprobs(reference(trainer, config)))
         out["syncs"].append({"step": step, "verified": report.verified, "num_verified": report.num_verified,
                              "num_written": report.num_written, "planned": report.planned, "seconds": report.seconds,
-                             "diff": diff, "tol": TOL[config]})
+                             "diff": diff, "tol": tolerance(family, config)})
         log(f"{family}:{config} step {step}: verified {report.num_verified}/{report.num_written}, planned "
-            f"{report.planned}, max|d logp| {diff:.4f} (tol {TOL[config]})")
+            f"{report.planned}, max|d logp| {diff:.4f} (tol {tolerance(family, config)})")
     out["engine"] = engine
     return out
 

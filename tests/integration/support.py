@@ -39,9 +39,9 @@ class ShuffledSource(WeightSource):
     """Every tensor of `model` in a seeded random order, regrouped in random sizes of 1..`max_group`
     (layers split apart): the worst order a source could feed a reload."""
 
-    def __init__(self, model, seed, max_group=4):
+    def __init__(self, model, seed, max_group=4, dtype=None):
         super().__init__()
-        self.inner, self.seed, self.max_group = ModuleSource(model), seed, max_group
+        self.inner, self.seed, self.max_group = ModuleSource(model, dtype=dtype), seed, max_group
 
     def metadata(self):
         return self.inner.metadata()

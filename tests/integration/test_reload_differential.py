@@ -43,7 +43,11 @@ def test_backends_leave_identical_kernel_tensors(engines, trainer_model, order):
     assert not {"model.embed_tokens", "model.norm"} & set(ours.backend.layer_load_bytes())
     for i in range(3):
         perturb(trainer_model, scale=0.01, seed=10 * i + (order == "shuffled"))
-        source = (lambda: ModuleSource(trainer_model)) if order == "layer" else (lambda: ShuffledSource(trainer_model, seed=i, max_group=5))
+        # bf16, as `engine.sync(module)` casts: given float32, vLLM's layerwise reload keeps float32 values in a
+        # bias that processing made float32 (AMX CPUs: vLLM's sgl GEMM), where rlsync, like a fresh engine, holds
+        # the bf16 load format's values
+        source = ((lambda: ModuleSource(trainer_model, dtype=torch.bfloat16)) if order == "layer"
+                  else (lambda: ShuffledSource(trainer_model, seed=i, max_group=5, dtype=torch.bfloat16)))
         report = ours.sync(source(), step=i + 1)
         theirs.sync(source(), step=i + 1)
         assert report.backend == "rlsync"
