@@ -65,6 +65,12 @@ from rlsync.quant.kernels import Kernel, LinearDescriptor, choose_kernel
 from rlsync.quant.layout import QuantizedTensor
 
 
+def _arrival_result(arguments: dict[str, Any]) -> bool | None:
+    """What the arrival loader returns for a call with these bound arguments, without making it: lets a
+    recording sync make the calls later, as a stack (`rlsync.reload.layer.Deferred`)."""
+    return True if arguments.get("return_success") else None
+
+
 class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
     """Engine-dtype experts in, per-expert standard-layout FP8 stored, dispatched linear kernels to run them."""
 
@@ -206,6 +212,7 @@ class RLSyncFp8ExpertsMethod(vq.FusedMoEMethodBase):
                                         owner.orig_dtype, pending=pending)
 
         rlsync_expert_arrival_loader.rlsync_batch = rlsync_batch
+        rlsync_expert_arrival_loader.rlsync_deferred = _arrival_result
         rlsync_expert_arrival_loader.rlsync_stacked = rlsync_stacked
         return rlsync_expert_arrival_loader
 

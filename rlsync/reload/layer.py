@@ -31,6 +31,7 @@ way (copy into their storage) and set back as plain attributes. Uninitialized
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -44,7 +45,7 @@ from rlsync.quant.finite import copy_finite, is_finite
 from rlsync.quant.layout import stacked_view
 from rlsync.reload.binding import Binder, Bound, binder_for, shard_key
 from rlsync.reload.capture import LayerCapture, TensorSpec, layer_tensors, plain_tensor_attrs
-from rlsync.reload.plan import LoaderTrace, PlannedCall, Recorder, geometry, span, template, view_of
+from rlsync.reload.plan import Geometry, LoaderTrace, PlannedCall, Recorder, span, template, view_of
 from rlsync.reload.stacked import StackedCall
 
 class LiveBytes:
@@ -104,13 +105,14 @@ def _loading(slot: Slot, fn: Callable[[], Any]) -> Any:
 
 
 def _record(slot: Slot, layer: str, pname: str, key: tuple, numel: int, bound: Bound,
-            copies: list | None, src: tuple[str, torch.Tensor] | None = None) -> None:
-    """Store one loader call for the incoming tensor its `loaded_weight` is a view of (or spoil the group).
+            copies: list | None, src: tuple[str, torch.Tensor, Geometry] | None = None) -> PlannedCall | None:
+    """Store one loader call for the incoming tensor its `loaded_weight` is a view of (or spoil the group);
+    the stored call, None when spoiled or not recording.
 
-    `src`: that incoming (name, tensor) when the caller already looked it up."""
+    `src`: `Recorder.source_of(loaded_weight)` when the caller already looked it up."""
     rec = slot.recorder
     if rec is None:
-        return
+        return None
     param, loaded = bound.arguments["param"], bound.arguments["loaded_weight"]
     if src is None:
         src = rec.source_of(loaded)
@@ -119,13 +121,15 @@ def _record(slot: Slot, layer: str, pname: str, key: tuple, numel: int, bound: B
     kwargs = template(list(call_kwargs.values()), param, loaded)
     if src is None or args is None or kwargs is None:
         rec.spoil(f"{layer}.{pname}: its loader received a tensor that is no view of an incoming tensor")
-        return
+        return None
     named = {k: v for k, v in bound.arguments.items() if k not in ("param", "loaded_weight")}
-    view = geometry(loaded, src[1])
+    view = src[2]
     whole = view == (tuple(src[1].shape), src[1].stride(), 0)
-    rec.add(src[0], PlannedCall(layer=layer, pname=pname, key=key, numel=numel, loaded=view,
-                                args=args, kwargs=dict(zip(call_kwargs, kwargs, strict=True)), named=named,
-                                copies=None if copies is None else tuple(copies), whole=whole))
+    call = PlannedCall(layer=layer, pname=pname, key=key, numel=numel, loaded=view,
+                       args=args, kwargs=dict(zip(call_kwargs, kwargs, strict=True)), named=named,
+                       copies=None if copies is None else tuple(copies), whole=whole)
+    rec.add(src[0], call)
+    return call
 
 
 def _refuse_nonfinite_slice(names: tuple[str, ...], tensor: torch.Tensor, check: Collection[str]) -> None:
@@ -438,6 +442,26 @@ class InPlaceLayer(SwappedLayer):
             self._place_kernel_tensors()  # in case processing failed half-way after replacing a tensor
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Deferred:
+    """One arrival loader call a recording sync deferred until vLLM's `load_weights` of the group returned.
+
+    Why: a loader that quantizes on arrival writes only its kernel tensors, so nothing vLLM does later in
+    the group depends on its effect. Made after the group's plan is stored, the calls are replayed as a
+    later sync replays them (a stack of experts as one quantizer call) instead of one quantization per
+    expert under the recorder's dispatch mode: that is what made a first sync of 256-expert FP8 layers
+    cost twice a sync without a plan. Only loaders that say what a call returns (`rlsync_deferred`)
+    are deferred."""
+
+    layer: ArrivalLayer
+    pname: str
+    key: tuple
+    numel: int
+    bound: Bound
+    call: PlannedCall | None
+    """The call as recorded (None: not plannable; the group is then made call by call, `run_deferred`)."""
+
+
 class ArrivalLayer:
     """A layer whose quant method quantizes each shard on arrival straight into kernel storage.
 
@@ -484,12 +508,16 @@ class ArrivalLayer:
     def _make_loader(self, pname: str, kernel: torch.Tensor, original: Callable) -> Callable:
         self.kernels[pname] = (kernel, original)
         binder = binder_for(original)  # cached across syncs, per loader function
+        result_of = getattr(original, "rlsync_deferred", None)
 
-        def load(args: tuple, kwargs: dict) -> Any:
+        def bind(args: tuple, kwargs: dict) -> tuple[Bound, tuple, int]:
             bound = binder.bind(args, kwargs)
             bound.arguments["param"] = kernel  # the plugin writes the kernel tensor, whatever vLLM was shown
-            key = (pname, shard_key(bound))
             numel = vllm_tp.local_numel(self.layer, pname, bound.arguments)  # this rank's part under TP
+            return bound, (pname, shard_key(bound)), numel
+
+        def load(args: tuple, kwargs: dict) -> Any:
+            bound, key, numel = bind(args, kwargs)
             self._claim(key, numel)
             call_args, call_kwargs = bound.split()
             result = original(*call_args, **call_kwargs)
@@ -497,10 +525,26 @@ class ArrivalLayer:
             self._count(numel)
             return result
 
+        def defer(rec: Recorder, args: tuple, kwargs: dict) -> Any:
+            bound, key, numel = bind(args, kwargs)
+            rec.defer(Deferred(self, pname, key, numel, bound, _record(self.slot, self.name, pname, key, numel, bound, None)))
+            return result_of(bound.arguments)
+
         def rlsync_arrival_loader(*args: Any, **kwargs: Any) -> Any:
+            rec = self.slot.recorder
+            if rec is not None and result_of is not None:  # recording: made after vLLM's load_weights, see Deferred
+                with rec.loader_call():
+                    return defer(rec, args, kwargs)
             return _loading(self.slot, lambda: load(args, kwargs))
 
         return rlsync_arrival_loader
+
+    def run_deferred(self, d: Deferred) -> None:
+        """One deferred call made as it would have been made live: claimed, the loader called, counted."""
+        self._claim(d.key, d.numel)
+        call_args, call_kwargs = d.bound.split()
+        self.kernels[d.pname][1](*call_args, **call_kwargs)
+        self._count(d.numel)
 
     def _claim(self, key: tuple, numel: int) -> None:
         if self.done or key in self.shards or self.count + numel > self.total:

@@ -16,6 +16,10 @@ the view of the incoming tensor it received. Where the loader only copied
 views of that tensor into views of the parameter (checked on its dispatch
 trace: every mutating op a `copy_`, every source inside the incoming tensor,
 every destination inside the parameter), the copies' geometry is stored too.
+A loader that quantizes on arrival and says what its calls return
+(`rlsync_deferred`: rlsync's FP8 experts) is not called while vLLM loads:
+its calls are recorded, then made from the stored plan as a replay makes
+them (a stack of experts as one call; `rlsync.reload.layer.Deferred`).
 
 Replay (a group whose every name is planned with the same shape, stride and
 dtype): per tensor, one dictionary lookup, then either the recorded copies
@@ -47,6 +51,7 @@ again (not by copies) only if it also wrote outside the parameter.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -261,6 +266,10 @@ class Recorder:
         """In a loader call (rlsync's wrapper or the loader itself): not vLLM's `load_weights` code."""
         self.trace: LoaderTrace | None = None
         """The trace of the loader running right now, fed by the `_Watch` mode."""
+        self._where: dict[int, tuple] = {}
+        """Item index -> (storage, dtype, device) and span of its tensor, for `source_of`."""
+        self.deferred: list = []
+        """Arrival loader calls to make once vLLM's `load_weights` returned (`rlsync.reload.layer.Deferred`)."""
 
     def spoil(self, why: str) -> None:
         if self.spoiled is None:
@@ -278,19 +287,31 @@ class Recorder:
     def loader_call(self, trace: LoaderTrace | None = None) -> _Inside:
         return _Inside(self, trace)
 
-    def source_of(self, loaded: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        """The incoming (name, tensor) `loaded` is a view of: the current one first, then the rest."""
-        if 0 <= self.current < len(self.group):
-            name, t = self.group[self.current]
-            if geometry(loaded, t) is not None:
-                return name, t
-        for name, t in self.group:
-            if geometry(loaded, t) is not None:
-                return name, t
+    def source_of(self, loaded: torch.Tensor) -> tuple[str, torch.Tensor, Geometry] | None:
+        """The incoming (name, tensor) `loaded` is a view of, and `loaded`'s geometry inside it: the current
+        one first, then the rest. Same test as `geometry`, with each incoming tensor's place computed once
+        (a recorded 256-expert layer asks 768 times)."""
+        if loaded.is_meta:
+            return None
+        lo, hi = span(loaded)
+        here = (loaded.untyped_storage().data_ptr(), loaded.dtype, loaded.device)
+        current = [self.current] if 0 <= self.current < len(self.group) else []
+        for i in itertools.chain(current, range(len(self.group))):
+            where = self._where.get(i)
+            if where is None:
+                t = self.group[i][1]
+                where = self._where[i] = (None if t.is_meta else (t.untyped_storage().data_ptr(), t.dtype, t.device),
+                                          *span(t))
+            if where[0] == here and where[1] <= lo and hi <= where[2]:
+                name, t = self.group[i]
+                return name, t, (tuple(loaded.shape), tuple(loaded.stride()), loaded.storage_offset() - t.storage_offset())
         return None
 
     def add(self, name: str, call: PlannedCall) -> None:
         self.calls[name].append(call)
+
+    def defer(self, item: Any) -> None:
+        self.deferred.append(item)
 
 
 @dataclasses.dataclass(slots=True)
@@ -302,7 +323,7 @@ class SyncPlan:
     """name -> (incoming tensor's `meta_of`, its calls; None: unplannable, always through vLLM)."""
     stacked: dict[tuple[str, ...], tuple[tuple, Any, list]] = dataclasses.field(default_factory=dict)
     """A stack's names -> (its tensor's `meta_of`, its `stacked.StackedCall` or None: slice by slice, the slices'
-    calls), derived from `entries` (`Reload._planned`); dropped whenever `entries` change."""
+    calls), derived from `entries` (`Reload._planned`); dropped whenever an entry of the stack changes."""
 
     def lookup(self, group: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[PlannedCall, ...]] | None:
         """Every tensor's calls when the whole group is planned with matching metadata, else None."""
@@ -315,7 +336,9 @@ class SyncPlan:
         return out
 
     def store(self, recorder: Recorder) -> None:
-        self.stacked.clear()
+        names = {name for name, _ in recorder.group}
+        for key in [k for k in self.stacked if not names.isdisjoint(k)]:  # derived from entries replaced now
+            del self.stacked[key]
         for name, tensor in recorder.group:
             calls = None if recorder.spoiled else tuple(recorder.calls[name])
             self.entries[name] = (meta_of(tensor), calls)

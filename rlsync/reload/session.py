@@ -264,6 +264,27 @@ class Reload(ReloadBackend):
         finally:
             self.slot.recorder = None
         self.plan.store(recorder)
+        if recorder.deferred:
+            self._run_deferred(group, recorder)
+
+    def _run_deferred(self, group: Weights, recorder: Recorder) -> None:
+        """The arrival loader calls the recording deferred (`layer.Deferred`), made now: replayed from the plan
+        just stored (a stack of experts as one call), or call by call where the group is not plannable."""
+        deferred = recorder.deferred
+        found = None if recorder.spoiled or any(d.call is None for d in deferred) else self._planned(group)
+        if found is None:
+            for d in deferred:
+                d.layer.run_deferred(d)
+            return
+        ids = {id(d.call) for d in deferred}
+        calls, stacks = found
+        keep = [None if planned is None else tuple(c for c in planned if id(c) in ids) for planned in calls]
+        for start, (stack, sc) in list(stacks.items()):
+            if not all(id(c) in ids for c in sc.calls):  # not this loader's alone: its deferred slices one by one
+                del stacks[start]
+                keep[start:start + len(stack.names)] = [tuple(c for c in per if id(c) in ids)
+                                                        for per in self.plan.stacked[stack.names][2]]
+        self._replay(group, (keep, stacks))
 
     def _replay(self, group: Weights, found: Planned, check: Collection[str] = ()) -> None:
         """Each planned call in arrival order; consecutive calls for one batchable parameter together.

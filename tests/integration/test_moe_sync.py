@@ -295,3 +295,83 @@ def test_a_stacked_bf16_expert_with_inf_is_found_by_the_stacks_copy():
     finally:
         del engine
         gc.collect()
+
+
+class _Counting:
+    """Wraps one of `vllm_experts`' quantizer functions, counting its calls; raises instead while `fail` is set."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.fail = fn, 0, None
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture
+def quantizers(monkeypatch):
+    """Counting wrappers around the per-expert and the many-experts quantizer the FP8 expert loaders call."""
+    from rlsync.quant import vllm_experts
+
+    one = _Counting(vllm_experts.quantize_expert_shard_into)
+    many = _Counting(vllm_experts.quantize_expert_shards_into)
+    monkeypatch.setattr(vllm_experts, "quantize_expert_shard_into", one)
+    monkeypatch.setattr(vllm_experts, "quantize_expert_shards_into", many)
+    return one, many
+
+
+def test_a_recording_sync_quantizes_each_stack_of_fp8_experts_in_one_call(qwen3_moe_fp8, quantizers):
+    """The first (recording) sync defers the FP8 expert loaders' calls until vLLM's `load_weights` of the group
+    returned, then replays them from the plan it just recorded: three quantizer calls per MoE layer, none per
+    expert, and every tensor verified bit for bit."""
+    path, engine = qwen3_moe_fp8
+    one, many = quantizers
+    trainer = _trainer(path)
+    perturb(trainer, seed=11)
+    engine.backend.plan.clear()  # what a first sync starts from
+    report = engine.sync(trainer, step=1, verify=True)
+    assert report.planned is False and report.verified and report.num_verified == report.num_written
+    assert (one.calls, many.calls) == (0, 3 * 2)
+    stacked = [known[1] for known in engine.backend.plan.stacked.values()]
+    assert len(stacked) == 3 * 2 and all(sc is not None for sc in stacked)
+    assert engine.sync(trainer, step=2, verify=True).planned is True
+    assert (one.calls, many.calls) == (0, 2 * 3 * 2)
+
+
+def test_an_unplannable_recording_makes_its_deferred_expert_calls_one_by_one(qwen3_moe_fp8, quantizers, monkeypatch):
+    """A group that cannot be planned (here: no loader call can be templated) still gets every deferred expert
+    call, one quantizer call per expert shard as without a plan, and verifies; it records again next time."""
+    from rlsync.reload import layer as layer_module
+
+    path, engine = qwen3_moe_fp8
+    one, many = quantizers
+    trainer = _trainer(path)
+    perturb(trainer, seed=12)
+    monkeypatch.setattr(layer_module, "template", lambda values, param, loaded: None)
+    engine.backend.plan.clear()
+    for step in (1, 2):
+        report = engine.sync(trainer, step=step, verify=True)
+        assert report.planned is False and report.verified and report.num_verified == report.num_written
+    experts = trainer.config.num_experts * 3 * 2  # gate, up, down of every expert of both layers, per sync
+    assert (one.calls, many.calls) == (2 * experts, 0)
+
+
+def test_a_failing_deferred_expert_call_fails_closed_and_the_next_sync_recovers(qwen3_moe_fp8, quantizers):
+    """An exception in the deferred quantizer calls of a recording sync leaves FAILED (no generation) and no plan;
+    the next complete sync records again and verifies."""
+    path, engine = qwen3_moe_fp8
+    _, many = quantizers
+    trainer = _trainer(path)
+    perturb(trainer, seed=13)
+    engine.backend.plan.clear()
+    many.fail = RuntimeError("quantizer broke")
+    with pytest.raises(SyncError, match="quantizer broke"):
+        engine.sync(trainer, step=1)
+    assert engine.state is EngineState.FAILED and not engine.backend.plan.entries
+    with pytest.raises(EngineNotReady):
+        engine.score(SEQS[:1])
+    many.fail = None
+    report = engine.sync(trainer, step=2, verify=True)
+    assert engine.state is EngineState.READY and report.planned is False and report.num_verified == report.num_written
