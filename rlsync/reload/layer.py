@@ -31,7 +31,6 @@ way (copy into their storage) and set back as plain attributes. Uninitialized
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -45,7 +44,8 @@ from rlsync.quant.finite import copy_finite, is_finite
 from rlsync.quant.layout import stacked_view
 from rlsync.reload.binding import Binder, Bound, binder_for, shard_key
 from rlsync.reload.capture import LayerCapture, TensorSpec, layer_tensors, plain_tensor_attrs
-from rlsync.reload.plan import Geometry, LoaderTrace, PlannedCall, Recorder, span, template, view_of
+from rlsync.reload.plan import LoaderTrace, PlannedCall, Recorder, span, view_of
+from rlsync.reload.recording import Deferred, Slot, loading, record_call
 from rlsync.reload.stacked import StackedCall
 
 class LiveBytes:
@@ -83,53 +83,6 @@ class LoaderPatches:
             else:
                 tensor.weight_loader = old
         self._saved.clear()
-
-
-class Slot:
-    """The recorder of the group being loaded right now, shared by one session's layers (None: not recording)."""
-
-    def __init__(self) -> None:
-        self.recorder: Recorder | None = None
-
-
-def _loading(slot: Slot, fn: Callable[[], Any]) -> Any:
-    """Run one arrival loader call; while recording, with no dispatch mode (its mutations are the loader's).
-
-    Left active, the recorder's watch would also run the plugin's compiled quantizers in eager mode
-    (TorchDynamo does not compile under a Python dispatch mode).
-    """
-    if slot.recorder is None:
-        return fn()
-    with _disable_current_modes():
-        return fn()
-
-
-def _record(slot: Slot, layer: str, pname: str, key: tuple, numel: int, bound: Bound,
-            copies: list | None, src: tuple[str, torch.Tensor, Geometry] | None = None) -> PlannedCall | None:
-    """Store one loader call for the incoming tensor its `loaded_weight` is a view of (or spoil the group);
-    the stored call, None when spoiled or not recording.
-
-    `src`: `Recorder.source_of(loaded_weight)` when the caller already looked it up."""
-    rec = slot.recorder
-    if rec is None:
-        return None
-    param, loaded = bound.arguments["param"], bound.arguments["loaded_weight"]
-    if src is None:
-        src = rec.source_of(loaded)
-    call_args, call_kwargs = bound.split()
-    args = template(call_args, param, loaded)
-    kwargs = template(list(call_kwargs.values()), param, loaded)
-    if src is None or args is None or kwargs is None:
-        rec.spoil(f"{layer}.{pname}: its loader received a tensor that is no view of an incoming tensor")
-        return None
-    named = {k: v for k, v in bound.arguments.items() if k not in ("param", "loaded_weight")}
-    view = src[2]
-    whole = view == (tuple(src[1].shape), src[1].stride(), 0)
-    call = PlannedCall(layer=layer, pname=pname, key=key, numel=numel, loaded=view,
-                       args=args, kwargs=dict(zip(call_kwargs, kwargs, strict=True)), named=named,
-                       copies=None if copies is None else tuple(copies), whole=whole)
-    rec.add(src[0], call)
-    return call
 
 
 def _refuse_nonfinite_slice(names: tuple[str, ...], tensor: torch.Tensor, check: Collection[str]) -> None:
@@ -239,7 +192,7 @@ class SwappedLayer:
         with rec.loader_call(trace):  # the recorder's watch hands the loader's ops to `trace`
             result = original(*call_args, **call_kwargs)
         numel = min(trace.numel, spec.load_numel)
-        _record(self.slot, self.name, pname, key, numel, bound, trace.copies, source)
+        record_call(self.slot, self.name, pname, key, numel, bound, trace.copies, source)
         if self.count + numel < self.total:
             self._count(pname, numel)
         else:
@@ -442,26 +395,6 @@ class InPlaceLayer(SwappedLayer):
             self._place_kernel_tensors()  # in case processing failed half-way after replacing a tensor
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Deferred:
-    """One arrival loader call a recording sync deferred until vLLM's `load_weights` of the group returned.
-
-    Why: a loader that quantizes on arrival writes only its kernel tensors, so nothing vLLM does later in
-    the group depends on its effect. Made after the group's plan is stored, the calls are replayed as a
-    later sync replays them (a stack of experts as one quantizer call) instead of one quantization per
-    expert under the recorder's dispatch mode: that is what made a first sync of 256-expert FP8 layers
-    cost twice a sync without a plan. Only loaders that say what a call returns (`rlsync_deferred`)
-    are deferred."""
-
-    layer: ArrivalLayer
-    pname: str
-    key: tuple
-    numel: int
-    bound: Bound
-    call: PlannedCall | None
-    """The call as recorded (None: not plannable; the group is then made call by call, `run_deferred`)."""
-
-
 class ArrivalLayer:
     """A layer whose quant method quantizes each shard on arrival straight into kernel storage.
 
@@ -521,13 +454,13 @@ class ArrivalLayer:
             self._claim(key, numel)
             call_args, call_kwargs = bound.split()
             result = original(*call_args, **call_kwargs)
-            _record(self.slot, self.name, pname, key, numel, bound, None)
+            record_call(self.slot, self.name, pname, key, numel, bound, None)
             self._count(numel)
             return result
 
         def defer(rec: Recorder, args: tuple, kwargs: dict) -> Any:
             bound, key, numel = bind(args, kwargs)
-            rec.defer(Deferred(self, pname, key, numel, bound, _record(self.slot, self.name, pname, key, numel, bound, None)))
+            rec.defer(Deferred(self, pname, key, numel, bound, record_call(self.slot, self.name, pname, key, numel, bound, None)))
             return result_of(bound.arguments)
 
         def rlsync_arrival_loader(*args: Any, **kwargs: Any) -> Any:
@@ -535,7 +468,7 @@ class ArrivalLayer:
             if rec is not None and result_of is not None:  # recording: made after vLLM's load_weights, see Deferred
                 with rec.loader_call():
                     return defer(rec, args, kwargs)
-            return _loading(self.slot, lambda: load(args, kwargs))
+            return loading(self.slot, lambda: load(args, kwargs))
 
         return rlsync_arrival_loader
 

@@ -19,7 +19,7 @@ every destination inside the parameter), the copies' geometry is stored too.
 A loader that quantizes on arrival and says what its calls return
 (`rlsync_deferred`: rlsync's FP8 experts) is not called while vLLM loads:
 its calls are recorded, then made from the stored plan as a replay makes
-them (a stack of experts as one call; `rlsync.reload.layer.Deferred`).
+them (a stack of experts as one call; `rlsync.reload.recording.Deferred`).
 
 Replay (a group whose every name is planned with the same shape, stride and
 dtype): per tensor, one dictionary lookup, then either the recorded copies
@@ -269,7 +269,7 @@ class Recorder:
         self._where: dict[int, tuple] = {}
         """Item index -> (storage, dtype, device) and span of its tensor, for `source_of`."""
         self.deferred: list = []
-        """Arrival loader calls to make once vLLM's `load_weights` returned (`rlsync.reload.layer.Deferred`)."""
+        """Arrival loader calls to make once vLLM's `load_weights` returned (`rlsync.reload.recording.Deferred`)."""
 
     def spoil(self, why: str) -> None:
         if self.spoiled is None:

@@ -39,8 +39,9 @@ from rlsync.reload.capture import (
     plain_tensor_attrs,
     record_kernel_format,
 )
-from rlsync.reload.layer import ArrivalLayer, InPlaceLayer, LiveBytes, LoaderPatches, Slot, SwappedLayer
+from rlsync.reload.layer import ArrivalLayer, InPlaceLayer, LiveBytes, LoaderPatches, SwappedLayer
 from rlsync.reload.plan import PlannedCall, Recorder, SyncPlan, meta_of
+from rlsync.reload.recording import Slot
 from rlsync.reload.stacked import StackedCall, derive
 from rlsync.reload.support import check_supported
 from rlsync.source.stacked import Stack, segments
@@ -268,7 +269,7 @@ class Reload(ReloadBackend):
             self._run_deferred(group, recorder)
 
     def _run_deferred(self, group: Weights, recorder: Recorder) -> None:
-        """The arrival loader calls the recording deferred (`layer.Deferred`), made now: replayed from the plan
+        """The arrival loader calls the recording deferred (`recording.Deferred`), made now: replayed from the plan
         just stored (a stack of experts as one call), or call by call where the group is not plannable."""
         deferred = recorder.deferred
         found = None if recorder.spoiled or any(d.call is None for d in deferred) else self._planned(group)

@@ -14,7 +14,7 @@ What it does not do: record. Recording stays per tensor through vLLM's
 loaders; a `StackedCall` is derived from those per-name recordings (`derive`)
 the first time a stack is replayed, and dropped with them. A recording sync
 of FP8 experts replays its own deferred loader calls that way right after
-recording them (`rlsync.reload.layer.Deferred`).
+recording them (`rlsync.reload.recording.Deferred`).
 
 Limitations:
 1. A stack whose slices took more than one call each, or calls into several

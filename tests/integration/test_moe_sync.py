@@ -343,13 +343,13 @@ def test_a_recording_sync_quantizes_each_stack_of_fp8_experts_in_one_call(qwen3_
 def test_an_unplannable_recording_makes_its_deferred_expert_calls_one_by_one(qwen3_moe_fp8, quantizers, monkeypatch):
     """A group that cannot be planned (here: no loader call can be templated) still gets every deferred expert
     call, one quantizer call per expert shard as without a plan, and verifies; it records again next time."""
-    from rlsync.reload import layer as layer_module
+    from rlsync.reload import recording
 
     path, engine = qwen3_moe_fp8
     one, many = quantizers
     trainer = _trainer(path)
     perturb(trainer, seed=12)
-    monkeypatch.setattr(layer_module, "template", lambda values, param, loaded: None)
+    monkeypatch.setattr(recording, "template", lambda values, param, loaded: None)
     engine.backend.plan.clear()
     for step in (1, 2):
         report = engine.sync(trainer, step=step, verify=True)
