@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import weakref
 
 import torch
 
@@ -23,6 +24,7 @@ def quant_method_types() -> dict[str, tuple[type, ...]]:
 
     - `unquantized`: methods whose kernel tensors hold the engine-dtype weight
       (linear, embedding / LM head);
+    - `embedding`: the embedding / LM head's (processing on CPU: its GEMM handle, nothing else);
     - `fp8_per_channel_online`: vLLM's online per-channel FP8 linear
       (`quantization="fp8_per_channel"`), whose kernel weight is the (K, N)
       transpose of the e4m3 weight with (N, 1) fp32 scales;
@@ -32,7 +34,7 @@ def quant_method_types() -> dict[str, tuple[type, ...]]:
     for a role means this vLLM has no such class.
     """
     if "vllm" not in sys.modules:
-        return {"unquantized": (), "fp8_per_channel_online": (), "unquantized_moe": ()}
+        return {"unquantized": (), "embedding": (), "fp8_per_channel_online": (), "unquantized_moe": ()}
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.quantization.online.fp8 import Fp8PtpcOnlineLinearMethod
@@ -40,6 +42,7 @@ def quant_method_types() -> dict[str, tuple[type, ...]]:
 
     return {
         "unquantized": (UnquantizedLinearMethod, UnquantizedEmbeddingMethod),
+        "embedding": (UnquantizedEmbeddingMethod,),
         "fp8_per_channel_online": (Fp8PtpcOnlineLinearMethod,),
         "unquantized_moe": (UnquantizedFusedMoEMethod,),
     }
@@ -163,7 +166,49 @@ def _check_rebuilt(layer: torch.nn.Module, dropped: list[str]) -> None:
         raise RuntimeError(f"{type(layer).__name__}: processing did not rebuild {missing} after a reload")
 
 
-def process_layer(layer: torch.nn.Module) -> None:
+class LazyHandle:
+    """`cpu_linear` of a vocabulary embedding whose GEMM handle vLLM's forward never calls, until it is called.
+
+    Why: on CPU vLLM's `UnquantizedEmbeddingMethod` processing builds a GEMM handle for every vocabulary
+    matrix, the input embedding's included, though the embedding only looks rows up; with a separate LM
+    head that handle is never used (`unused_vocabulary_handles`). On an AMX CPU building it costs about 38 ms
+    for a 32768 x 1024 bf16 matrix and holds a second copy of it. A call (verify reads the handle back) runs
+    the layer's processing then, from the weights it holds then, and goes on with the real handle.
+    """
+
+    __slots__ = ("layer", "method")
+
+    def __init__(self, layer: torch.nn.Module, method: object) -> None:
+        self.layer, self.method = weakref.ref(layer), method
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        layer = self.layer()
+        assert layer is not None, "a handle is called through its layer"
+        if layer.__dict__.get("cpu_linear") is self:
+            del layer.__dict__["cpu_linear"]
+            self.method.process_weights_after_loading(layer)
+            _check_rebuilt(layer, ["cpu_linear"])
+        return layer.cpu_linear(x, weight, bias)
+
+
+def unused_vocabulary_handles(model: torch.nn.Module) -> set[int]:
+    """ids of the vocabulary embeddings whose GEMM handle vLLM's forward never calls: the model has an LM head
+    (`ParallelLMHead`) with a weight of its own. A model whose logits come from its embedding (tied by reuse of
+    the module, or Gemma 2's `logits_processor(embed_tokens, ...)`) has no such head and gets an empty set;
+    so does an embedding whose weight a head shares."""
+    if "vllm" not in sys.modules:
+        return set()
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    modules = list(model.modules())
+    heads = {id(getattr(m, "weight", None)) for m in modules if isinstance(m, ParallelLMHead)}
+    if not heads:
+        return set()
+    return {id(m) for m in modules if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+            and id(getattr(m, "weight", None)) not in heads}
+
+
+def process_layer(layer: torch.nn.Module, lazy_handle: bool = False) -> None:
     """Run the layer's `process_weights_after_loading` again, as vLLM's loader does.
 
     Online quantization methods skip processing once a layer carries
@@ -172,13 +217,18 @@ def process_layer(layer: torch.nn.Module) -> None:
     and the new handle never coexist; processing that fails to rebuild it
     raises. Processing may create fresh parameters stamped with the global TP
     rank; `update_param_tp_status` re-reconciles them like vLLM's loader does.
+    `lazy_handle` (an embedding in `unused_vocabulary_handles`): an unquantized
+    embedding whose processing is its handle alone gets a `LazyHandle` instead.
     """
     layer.__dict__.pop("_already_called_process_weights_after_loading", None)
     method = getattr(layer, "quant_method", None)
     if method is None:
         return
     dropped = drop_derived_state(layer)
-    process_with_expert_format(method, layer)
+    if lazy_handle and dropped == ["cpu_linear"] and type(method) in quant_method_types()["embedding"]:
+        layer.cpu_linear = LazyHandle(layer, method)
+    else:
+        process_with_expert_format(method, layer)
     _check_rebuilt(layer, dropped)
     if hasattr(layer, "update_param_tp_status"):
         layer.update_param_tp_status()

@@ -67,7 +67,7 @@ from rlsync.quant.layout import QuantizedTensor
 
 def _arrival_result(arguments: dict[str, Any]) -> bool | None:
     """What the arrival loader returns for a call with these bound arguments, without making it: lets a
-    recording sync make the calls later, as a stack (`rlsync.reload.layer.Deferred`)."""
+    recording sync make the calls later, as a stack (`rlsync.reload.recording.Deferred`)."""
     return True if arguments.get("return_success") else None
 
 

@@ -132,6 +132,8 @@ class SwappedLayer:
         self.shards: set[tuple] = set()
         self.materialized: dict[str, torch.Tensor] = {}
         self.done = False
+        self.lazy_handle = False
+        """Its GEMM handle is never called by vLLM's forward: built on first use (`vllm_layers.LazyHandle`)."""
 
     # ------------------------------------------------------------ begin
     def swap_out(self) -> None:
@@ -297,7 +299,7 @@ class SwappedLayer:
         """Process the complete layer and copy the result into the kernel tensors' storage."""
         for pname, spec in self.spec.params.items():
             self._materialize(pname, spec)  # tensors with no checkpoint data (declared padding)
-        vllm_layers.process_layer(self.layer)
+        vllm_layers.process_layer(self.layer, lazy_handle=self.lazy_handle)
         for n, kernel in (self.kernel_params | self.kernel_attrs).items():
             self._copy_into(n, kernel, self._processed(n))
         for n, kernel in self.kernel_buffers.items():
@@ -460,7 +462,8 @@ class ArrivalLayer:
 
         def defer(rec: Recorder, args: tuple, kwargs: dict) -> Any:
             bound, key, numel = bind(args, kwargs)
-            rec.defer(Deferred(self, pname, key, numel, bound, record_call(self.slot, self.name, pname, key, numel, bound, None)))
+            call = record_call(self.slot, self.name, pname, key, numel, bound, None)
+            rec.defer(Deferred(self, pname, key, numel, bound, call))
             return result_of(bound.arguments)
 
         def rlsync_arrival_loader(*args: Any, **kwargs: Any) -> Any:

@@ -304,7 +304,8 @@ class Recorder:
                                           *span(t))
             if where[0] == here and where[1] <= lo and hi <= where[2]:
                 name, t = self.group[i]
-                return name, t, (tuple(loaded.shape), tuple(loaded.stride()), loaded.storage_offset() - t.storage_offset())
+                offset = loaded.storage_offset() - t.storage_offset()
+                return name, t, (tuple(loaded.shape), tuple(loaded.stride()), offset)
         return None
 
     def add(self, name: str, call: PlannedCall) -> None:

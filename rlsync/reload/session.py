@@ -84,6 +84,8 @@ class Reload(ReloadBackend):
         self.open = False
         self._layers: list[tuple[str, Any, str]] | None = None
         self._layers_key: list[tuple[nn.Module, Any]] = []
+        self._unused_handles: set[int] = set()
+        """ids of embeddings whose GEMM handle vLLM's forward never calls (`vllm_layers.unused_vocabulary_handles`)."""
         self._looked_up: tuple[Weights, list[tuple[PlannedCall, ...]] | None] | None = None
 
     # ---------------------------------------------------------- queries
@@ -109,6 +111,7 @@ class Reload(ReloadBackend):
                 a is c and b is d for (a, b), (c, d) in zip(key, self._layers_key, strict=True)):
             return self._layers
         self._layers, self._layers_key = self._compute_plan(), key
+        self._unused_handles = vllm_layers.unused_vocabulary_handles(self.model)
         return self._layers
 
     def _compute_plan(self) -> list[tuple[str, Any, str]]:
@@ -150,6 +153,7 @@ class Reload(ReloadBackend):
                     session = SwappedLayer(name, modules[name], spec, self.live, self.patches, self.slot)
                 elif kind == "in_place":
                     session = InPlaceLayer(name, modules[name], spec, self.live, self.patches, self.slot)
+                    session.lazy_handle = id(modules[name]) in self._unused_handles
                 else:
                     session = ArrivalLayer(name, modules[name], spec, self.patches, self.slot)
                 self.by_name[name] = session

@@ -174,3 +174,30 @@ def test_olmo2_engine_that_would_compile_is_refused_naming_the_way_out():
     gc.collect()
     assert decoder_class_state(load_trainer(path)) == state
     hf_logprobs(trainer)  # still runs
+
+
+def test_an_untied_embeddings_unused_gemm_handle_is_built_only_when_called():
+    """With an LM head of its own (Mistral), a sync leaves the embedding's GEMM handle, which vLLM's forward
+    never calls, unbuilt (`LazyHandle`); the head's is rebuilt and log-probs follow the new weights. Verify
+    reads the embedding back through its handle: that builds it, bit for bit."""
+    from rlsync.adapters.vllm_layers import LazyHandle
+
+    path = tiny_model_path(family_spec("mistral"))
+    engine = make_engine(str(path), max_model_len=MAX_MODEL_LEN)
+    try:
+        embed, head = engine.model.model.embed_tokens, engine.model.lm_head
+        assert embed.weight is not head.weight and "cpu_linear" in embed.__dict__
+        trainer = load_trainer(path)
+        perturb(trainer, scale=PERTURB_SCALE, seed=21)
+        engine.sync(trainer, step=1)
+        assert isinstance(embed.__dict__["cpu_linear"], LazyHandle)
+        assert not isinstance(head.__dict__["cpu_linear"], LazyHandle)
+        err = max_diff(engine.score(SEQS), hf_logprobs(trainer))
+        assert err < BF16_LOGPROB_TOL, err
+        assert isinstance(embed.__dict__["cpu_linear"], LazyHandle)  # generation never called it
+        report = engine.sync(trainer, step=2, verify=True)
+        assert report.verified and report.num_verified == report.num_written > 0
+        assert not isinstance(embed.__dict__["cpu_linear"], LazyHandle)
+    finally:
+        del engine
+        gc.collect()
