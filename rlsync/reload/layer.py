@@ -453,12 +453,8 @@ class ArrivalLayer:
 
         def load(args: tuple, kwargs: dict) -> Any:
             bound, key, numel = bind(args, kwargs)
-            self._claim(key, numel)
-            call_args, call_kwargs = bound.split()
-            result = original(*call_args, **call_kwargs)
             record_call(self.slot, self.name, pname, key, numel, bound, None)
-            self._count(numel)
-            return result
+            return self._make(pname, key, numel, bound)
 
         def defer(rec: Recorder, args: tuple, kwargs: dict) -> Any:
             bound, key, numel = bind(args, kwargs)
@@ -475,12 +471,17 @@ class ArrivalLayer:
 
         return rlsync_arrival_loader
 
+    def _make(self, pname: str, key: tuple, numel: int, bound: Bound) -> Any:
+        """One loader call: claimed, the plugin's loader called, counted; its result."""
+        self._claim(key, numel)
+        call_args, call_kwargs = bound.split()
+        result = self.kernels[pname][1](*call_args, **call_kwargs)
+        self._count(numel)
+        return result
+
     def run_deferred(self, d: Deferred) -> None:
-        """One deferred call made as it would have been made live: claimed, the loader called, counted."""
-        self._claim(d.key, d.numel)
-        call_args, call_kwargs = d.bound.split()
-        self.kernels[d.pname][1](*call_args, **call_kwargs)
-        self._count(d.numel)
+        """One deferred call made as it would have been made live."""
+        self._make(d.pname, d.key, d.numel, d.bound)
 
     def _claim(self, key: tuple, numel: int) -> None:
         if self.done or key in self.shards or self.count + numel > self.total:

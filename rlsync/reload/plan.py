@@ -80,17 +80,25 @@ def span(t: torch.Tensor) -> tuple[int, int]:
     return lo, hi + 1
 
 
+def place(t: torch.Tensor) -> tuple | None:
+    """Where `t`'s elements lie: (storage address, dtype, device, first, one-past-last element); None on meta."""
+    if t.is_meta:
+        return None
+    return t.untyped_storage().data_ptr(), t.dtype, t.device, *span(t)
+
+
+def _inside(p: tuple | None, q: tuple | None) -> bool:
+    """Place `p` lies within place `q` (same storage, dtype and device)."""
+    return p is not None and q is not None and p[:3] == q[:3] and q[3] <= p[3] and p[4] <= q[4]
+
+
+def _geometry_in(view: torch.Tensor, base: torch.Tensor) -> Geometry:
+    return tuple(view.shape), tuple(view.stride()), view.storage_offset() - base.storage_offset()
+
+
 def geometry(view: torch.Tensor, base: torch.Tensor) -> Geometry | None:
     """`view` as (size, stride, offset) inside `base`'s elements, or None when it is not inside them."""
-    if view.dtype != base.dtype or view.device != base.device or view.is_meta or base.is_meta:
-        return None
-    if view.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
-        return None
-    lo, hi = span(view)
-    blo, bhi = span(base)
-    if lo < blo or hi > bhi:
-        return None
-    return tuple(view.shape), tuple(view.stride()), view.storage_offset() - base.storage_offset()
+    return _geometry_in(view, base) if _inside(place(view), place(base)) else None
 
 
 def view_of(base: torch.Tensor, geom: Geometry) -> torch.Tensor:
@@ -267,7 +275,7 @@ class Recorder:
         self.trace: LoaderTrace | None = None
         """The trace of the loader running right now, fed by the `_Watch` mode."""
         self._where: dict[int, tuple] = {}
-        """Item index -> (storage, dtype, device) and span of its tensor, for `source_of`."""
+        """Item index -> `place` of its tensor, for `source_of`."""
         self.deferred: list = []
         """Arrival loader calls to make once vLLM's `load_weights` returned (`rlsync.reload.recording.Deferred`)."""
 
@@ -291,21 +299,15 @@ class Recorder:
         """The incoming (name, tensor) `loaded` is a view of, and `loaded`'s geometry inside it: the current
         one first, then the rest. Same test as `geometry`, with each incoming tensor's place computed once
         (a recorded 256-expert layer asks 768 times)."""
-        if loaded.is_meta:
-            return None
-        lo, hi = span(loaded)
-        here = (loaded.untyped_storage().data_ptr(), loaded.dtype, loaded.device)
+        here = place(loaded)
         current = [self.current] if 0 <= self.current < len(self.group) else []
         for i in itertools.chain(current, range(len(self.group))):
             where = self._where.get(i)
             if where is None:
-                t = self.group[i][1]
-                where = self._where[i] = (None if t.is_meta else (t.untyped_storage().data_ptr(), t.dtype, t.device),
-                                          *span(t))
-            if where[0] == here and where[1] <= lo and hi <= where[2]:
+                where = self._where[i] = place(self.group[i][1])
+            if _inside(here, where):
                 name, t = self.group[i]
-                offset = loaded.storage_offset() - t.storage_offset()
-                return name, t, (tuple(loaded.shape), tuple(loaded.stride()), offset)
+                return name, t, _geometry_in(loaded, t)
         return None
 
     def add(self, name: str, call: PlannedCall) -> None:
