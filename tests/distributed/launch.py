@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,6 +22,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def tp_engines_alone() -> Iterator[None]:
+    """Hold a machine-wide lock while a launch builds tensor-parallel CPU engines (across pytest-xdist workers).
+
+    vLLM 0.32's CPU worker names its shared-memory segments after the distributed init method
+    (`VLLM_DIST_IDENT`), which is `env://` for every `external_launcher` engine: two TP launches on one
+    machine at once share segments, and one of them dies (seen when two workers ran TP launches together)."""
+    with open(Path(tempfile.gettempdir()) / "rlsync-tp-engines.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _env(out: Path, **extra: str) -> dict[str, str]:

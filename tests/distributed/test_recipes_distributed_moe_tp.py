@@ -10,6 +10,7 @@ FP8 engine spanning both ranks) learns, every rank's shard verified every step.
 import pytest
 import torch
 
+from tests.distributed import launch
 from tests.distributed.test_recipes_distributed import check_run, run_recipe
 
 pytestmark = pytest.mark.distributed
@@ -57,7 +58,8 @@ TP2 = "configs/grpo/tiny_cpu_fsdp2_tp2.yaml"
 
 def test_grpo_fsdp2_with_one_tensor_parallel_engine_learns(tmp_path):
     """FSDP2 over both ranks, and one TP-2 FP8 engine spanning them: each rank's shard verified every step."""
-    log, wall = run_recipe("torchrun", TP2, ["grpo.steps=8"], tmp_path, timeout_s=300)
+    with launch.tp_engines_alone():
+        log, wall = run_recipe("torchrun", TP2, ["grpo.steps=8"], tmp_path, timeout_s=300)
     records = check_run(log, tmp_path, 8, engine_logs=1)  # one engine over both ranks
     assert wall < 300
     assert "tensor_parallel_size=2" in log

@@ -34,7 +34,8 @@ CASES = ["qwen2:bf16", "qwen2:fp8_per_channel", "qwen2:tensor", "qwen2:block", "
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp")
-    return launch.torchrun("worker_tp.py", [",".join(CASES)], out, timeout_s=420)
+    with launch.tp_engines_alone():
+        return launch.torchrun("worker_tp.py", [",".join(CASES)], out, timeout_s=420)
 
 
 def test_each_rank_holds_its_shard_and_every_sync_verifies(tp_results):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed import launch
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +103,8 @@ def _benchmark_module(name: str):
 def test_tp_benchmark_quick(tmp_path):
     """`tp.py --quick`: one TP-2 engine of the tiny model over two torchrun ranks; each rank received the full
     tensors, replayed its sync plan, verified its own shard and holds about half the model."""
-    result, table = _run_quick("tp.py", tmp_path / "tp.json")
+    with launch.tp_engines_alone():  # no other TP engine on the machine meanwhile (see there)
+        result, table = _run_quick("tp.py", tmp_path / "tp.json")
     (record,) = result["records"]
     assert (record["quant"], record["tp"], record["status"]) == ("bf16", 2, "ok"), record.get("error")
     assert [(k["tp_rank"], k["tp_size"]) for k in record["ranks"]] == [(0, 2), (1, 2)]
