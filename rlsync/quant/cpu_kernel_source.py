@@ -17,6 +17,9 @@ static inline float bf16_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define RLSYNC_AVX512 1  /* 16 fp32 lanes, byte narrowing (vpmovdb) and per-byte masks */
+#endif
 
 /* max |w| of one row as bf16 bits (for finite values the integer order is the float order); with AVX2 16 at a
    time by hand (GCC's loop for an unknown k spends more on its set-up than a 32-element row takes) */
@@ -27,6 +30,15 @@ static inline uint16_t row_absmax(const uint16_t *row, int64_t k) {
     if (k >= 16) {
         const __m256i nosign = _mm256_set1_epi16(0x7FFF);
         __m256i v = _mm256_setzero_si256();
+#ifdef RLSYNC_AVX512
+        if (k >= 32) {  /* 32 at a time, folded into the 16-wide maximum */
+            const __m512i nosign32 = _mm512_set1_epi16(0x7FFF);
+            __m512i w = _mm512_setzero_si512();
+            for (; j + 32 <= k; j += 32)
+                w = _mm512_max_epu16(w, _mm512_and_si512(_mm512_loadu_si512((const void *)(row + j)), nosign32));
+            v = _mm256_max_epu16(_mm512_castsi512_si256(w), _mm512_extracti64x4_epi64(w, 1));
+        }
+#endif
         for (; j + 16 <= k; j += 16)
             v = _mm256_max_epu16(v, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(row + j)), nosign));
         __m128i x = _mm_max_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -93,6 +105,38 @@ static inline __m256i pack32(__m256i a, __m256i b, __m256i c, __m256i d, __m256i
     }
 #endif
 
+#ifdef RLSYNC_AVX512
+/* e4m3_mag8 on 16 lanes: the same integer steps, the blend by a mask register */
+static inline __m512i e4m3_mag16(__m512i mag) {
+    mag = _mm512_min_epi32(mag, _mm512_set1_epi32(0x43E00000));
+    __m512i sub = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(16384.0f))),
+                                   _mm512_set1_epi32(141 << 23));
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(mag, 20), _mm512_set1_epi32(1));
+    __m512i norm = _mm512_srai_epi32(_mm512_add_epi32(_mm512_add_epi32(mag, _mm512_set1_epi32(-1006108673)), odd), 20);
+    return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(_mm512_set1_epi32(121 << 23), mag), norm, sub);
+}
+
+/* 16 bf16 |x| (sign cleared) -> 16 codes as bytes in element order: widen to fp32 bits, OP, cast, narrow */
+#define CODES16_AVX512(OP, h) \
+    _mm512_cvtepi32_epi8(e4m3_mag16(_mm512_castps_si512(OP(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))))))
+
+/* 32 bf16 per step in element order (no unpack / pack lane shuffles); the signs are the bf16 sign bits as a
+   32-bit mask, or-ed into their bytes at the end */
+#define ROW_FP8_AVX512(OP, PREFETCH)                                                                       \
+    const __m512i nosign512 = _mm512_set1_epi16(0x7FFF);                                                   \
+    const __m256i sign8 = _mm256_set1_epi8((char)0x80);                                                    \
+    for (; j + 32 <= k; j += 32) {                                                                         \
+        PREFETCH;                                                                                          \
+        __m512i v = _mm512_loadu_si512((const void *)(row + j));                                           \
+        __mmask32 neg = _mm512_movepi16_mask(v);                                                           \
+        v = _mm512_and_si512(v, nosign512);                                                                \
+        __m128i lo = CODES16_AVX512(OP, _mm512_castsi512_si256(v));                                        \
+        __m128i hi = CODES16_AVX512(OP, _mm512_extracti64x4_epi64(v, 1));                                  \
+        __m256i codes = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);                        \
+        _mm256_storeu_si256((__m256i *)(out + j), _mm256_or_si256(codes, _mm256_maskz_mov_epi8(neg, sign8)));          \
+    }
+#endif
+
 /* Rows: |x| op scale, then the cast, with x's sign (IEEE multiply and divide are sign-symmetric, so this is
    the reference's x op scale, cast). With AVX2, 32 elements per step by hand (GCC's own vectorization of the
    scalar loop spent about twice the instructions on widening, masking and repacking); the tail, and CPUs
@@ -100,7 +144,13 @@ static inline __m256i pack32(__m256i a, __m256i b, __m256i c, __m256i d, __m256i
 static void row_div_r(const uint16_t *row, uint8_t *out, int64_t k, float s, float r, const uint16_t *next) {
     int64_t j = 0;
     (void)r;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(RLSYNC_AVX512) && defined(__FMA__)
+    /* as the AVX2 + FMA branch below, on 16 lanes */
+    const __m512 vs = _mm512_set1_ps(s), vr = _mm512_set1_ps(r);
+#define DIV_S(x) _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_mul_ps((x), vr), vs, (x)), vr, _mm512_mul_ps((x), vr))
+    ROW_FP8_AVX512(DIV_S, _mm_prefetch((const char *)(next + j), _MM_HINT_T0))
+#undef DIV_S
+#elif defined(__AVX2__) && defined(__FMA__)
     /* |x| / s without the divider, which bounds this loop otherwise (one vdivps per 8 elements, ~5 cycles):
        q = |x| * r with r = 1 / s rounded, then one Markstein correction by fused multiply-adds (the residual
        |x| - q s is exact). Equal to IEEE |x| / s for every bf16 x with |x| <= amax and every scale
@@ -148,7 +198,12 @@ int64_t rlsync_division_mismatches(int64_t a0, int64_t a1, int64_t *bad) {
 /* `next`: bytes to fetch into the cache meanwhile, as many as the row's (NULL: none) */
 static void row_mul(const uint16_t *row, uint8_t *out, int64_t k, float inv, const uint16_t *next) {
     int64_t j = 0;
-#ifdef __AVX2__
+#if defined(RLSYNC_AVX512)
+    const __m512 vi = _mm512_set1_ps(inv);
+#define MUL_I(x) _mm512_mul_ps((x), vi)
+    ROW_FP8_AVX512(MUL_I, if (next) _mm_prefetch((const char *)(next + j), _MM_HINT_T0))
+#undef MUL_I
+#elif defined(__AVX2__)
     const __m256 vi = _mm256_set1_ps(inv);
 #define MUL_I(x) _mm256_mul_ps((x), vi)
     ROW_FP8_AVX2(MUL_I, if (next) _mm_prefetch((const char *)(next + j), _MM_HINT_T0))
@@ -204,6 +259,10 @@ int rlsync_channel(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t
 int rlsync_absmax(const uint16_t *w, int64_t r0, int64_t r1, int64_t k, int64_t ws) {
     uint16_t m = 0;
     for (int64_t i = r0; i < r1; i++) {
+#ifdef __AVX2__
+        if (i + 1 < r1)  /* the next row fetched meanwhile */
+            for (int64_t j = 0; j < k; j += 32) _mm_prefetch((const char *)(w + (i + 1) * ws + j), _MM_HINT_T0);
+#endif
         uint16_t rm = row_absmax(w + i * ws, k);
         m = rm > m ? rm : m;
     }
@@ -278,7 +337,15 @@ int rlsync_block(const uint16_t *w, int64_t b0, int64_t b1, int64_t n, int64_t k
 /* e4m3_clamped over n floats: for scripts/check_e4m3_cast.py and the tests (the proof of the cast above) */
 void rlsync_cast(const float *x, uint8_t *out, int64_t n) {
     int64_t j = 0;
-#ifdef __AVX2__
+#if defined(RLSYNC_AVX512)
+    const __m512i nosign = _mm512_set1_epi32(0x7FFFFFFF);
+    for (; j + 16 <= n; j += 16) {  /* the rows' 16-lane cast, e4m3_mag16, on every input */
+        __m512i b = _mm512_loadu_si512((const void *)(x + j));
+        __mmask16 neg = _mm512_cmplt_epi32_mask(b, _mm512_setzero_si512());
+        __m128i codes = _mm512_cvtepi32_epi8(e4m3_mag16(_mm512_and_si512(b, nosign)));
+        _mm_storeu_si128((__m128i *)(out + j), _mm_or_si128(codes, _mm_maskz_mov_epi8(neg, _mm_set1_epi8((char)0x80))));
+    }
+#elif defined(__AVX2__)
     const __m256i nosign = _mm256_set1_epi32(0x7FFFFFFF), sign8 = _mm256_set1_epi8((char)0x80);
     for (; j + 32 <= n; j += 32) {  /* the rows' vector cast, e4m3_mag8 and pack32, on every input */
         __m256i v[4], s[4];
@@ -305,8 +372,11 @@ void rlsync_tensor(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t
                    uint8_t *q, int64_t qs, int64_t qr, const float *inv) {
     int64_t s = r0 / n, i = r0 % n;
     for (int64_t r = r0; r < r1; r++) {
-        row_mul(w + s * ws + i * wr, q + s * qs + i * qr, k, inv[s], NULL);
+        const uint16_t *row = w + s * ws + i * wr;
+        uint8_t *out = q + s * qs + i * qr;
+        float f = inv[s];
         if (++i == n) { i = 0; s++; }
+        row_mul(row, out, k, f, r + 1 < r1 ? w + s * ws + i * wr : NULL);  /* the next row fetched meanwhile */
     }
 }
 """

@@ -6,6 +6,21 @@ import torch
 from rlsync.quant import cpu_kernel, reference
 
 
+@pytest.fixture(autouse=True, params=["native", "avx2"])
+def isa(request, monkeypatch):
+    """Every test on the native build and on the AVX2 build: on a CPU with AVX-512 (its own row loops) both are
+    checked; on an AVX2 CPU the two builds are the same code."""
+    monkeypatch.setenv("RLSYNC_CPU_KERNEL_ISA", request.param)
+    cpu_kernel._library.cache_clear()
+    yield request.param
+    cpu_kernel._library.cache_clear()
+
+
+def test_an_unknown_isa_is_refused(monkeypatch):
+    monkeypatch.setenv("RLSYNC_CPU_KERNEL_ISA", "avx9")
+    with pytest.raises(ValueError, match="native or avx2"):
+        cpu_kernel._flags()
+
 
 def test_the_kernel_builds_here():
     """This project's machines have a C compiler (Inductor needs one too); a user's without one runs `fused`."""
