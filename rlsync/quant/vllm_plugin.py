@@ -20,7 +20,9 @@ quantize each arriving shard straight into the kernel tensors.
   loader on the new `weight`: with `rlsync_arrival = True`, rlsync's reload
   backend leaves the kernel tensors in place and vLLM's `load_weights` calls
   that loader per shard (or once with the whole fused weight, as for Phi-3's
-  `qkv_proj`). vLLM's layerwise reload instead restores the bf16 format (the
+  `qkv_proj`); a recording sync makes those calls once vLLM's `load_weights` of
+  the group returned (`rlsync_deferred`), as a planned sync does. vLLM's
+  layerwise reload instead restores the bf16 format (the
   build loader then loads like an unquantized layer's: that tensor is not the
   build's meta weight) and re-runs `process_weights_after_loading`, which
   quantizes the whole weight; every path gives the same bits
@@ -95,6 +97,12 @@ def _quantize_arrival(config: Fp8Config, layer: torch.nn.Module, q_NK: torch.Ten
     for i, part in parts:
         quantize_shard_into(config, q_NK, scale, widths, i, part, layer.orig_dtype, pending=pending)
     return sum(part.numel() for _, part in parts)
+
+
+def _returns_none(arguments: dict[str, Any]) -> None:
+    """What the arrival loader returns, without making the call: a recording sync makes the calls once vLLM's
+    `load_weights` of the group returned, as a planned sync does (`rlsync.reload.recording.Deferred`)."""
+    return None
 
 
 class RLSyncFp8LinearMethod(vq.LinearMethodBase):
@@ -204,6 +212,7 @@ class RLSyncFp8LinearMethod(vq.LinearMethodBase):
             _quantize_arrival(config, owner, param.data, owner.weight_scale.data, widths, pending, loaded_weight,
                               loaded_shard_id)
 
+        rlsync_arrival_loader.rlsync_deferred = _returns_none
         return rlsync_arrival_loader
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

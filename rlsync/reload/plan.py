@@ -17,7 +17,7 @@ views of that tensor into views of the parameter (checked on its dispatch
 trace: every mutating op a `copy_`, every source inside the incoming tensor,
 every destination inside the parameter), the copies' geometry is stored too.
 A loader that quantizes on arrival and says what its calls return
-(`rlsync_deferred`: rlsync's FP8 experts) is not called while vLLM loads:
+(`rlsync_deferred`: rlsync's FP8 linears and experts) is not called while vLLM loads:
 its calls are recorded, then made from the stored plan as a replay makes
 them (a stack of experts as one call; `rlsync.reload.recording.Deferred`).
 

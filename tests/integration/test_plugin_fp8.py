@@ -162,6 +162,67 @@ def test_sync_writes_reference_bits_in_place_and_backends_agree(engines, trainer
         assert a.keys() == b.keys() and not differ, f"backends differ: {differ}"
 
 
+@pytest.fixture
+def arrivals(monkeypatch):
+    """Counts the plugin's arrival quantizations, and how many ran inside vLLM's `load_weights` of a group;
+    raises instead while `fail` is set."""
+    from rlsync.adapters import vllm_engine
+    from rlsync.quant import vllm_plugin
+
+    seen = {"calls": 0, "inside": 0, "depth": 0, "fail": None}
+    quantize, load_weights = vllm_plugin._quantize_arrival, vllm_engine.load_weights
+
+    def counting(*args, **kwargs):
+        seen["calls"] += 1
+        seen["inside"] += seen["depth"] > 0
+        if seen["fail"] is not None:
+            raise seen["fail"]
+        return quantize(*args, **kwargs)
+
+    def watched(*args, **kwargs):
+        seen["depth"] += 1
+        try:
+            return load_weights(*args, **kwargs)
+        finally:
+            seen["depth"] -= 1
+
+    monkeypatch.setattr(vllm_plugin, "_quantize_arrival", counting)
+    monkeypatch.setattr(vllm_engine, "load_weights", watched)
+    return seen
+
+
+def test_a_recording_sync_quantizes_after_vllm_mapped_each_group(engines, trainer, arrivals):
+    """The first (recording) sync defers the plugin's arrival loader calls until vLLM's `load_weights` of the group
+    returned, then replays them from the plan it just recorded: every shard quantized once, none while vLLM
+    maps the group, every tensor verified; the next sync replays the plan."""
+    scheme, ours, *_ = engines
+    perturb(trainer, scale=0.01, seed=31)
+    ours.backend.plan.clear()  # what a first sync starts from
+    shards = sum(len(layer.quant_method.widths) for layer in fp8_layers(ours).values())
+    report = ours.sync(trainer, step=31, verify=True)
+    assert report.planned is False and report.verified and report.num_verified == report.num_written
+    assert (arrivals["calls"], arrivals["inside"]) == (shards, 0)
+    assert ours.sync(trainer, step=32, verify=True).planned is True
+
+
+def test_a_failing_deferred_arrival_call_fails_closed_and_the_next_sync_recovers(engines, trainer, arrivals):
+    from rlsync.engine import EngineState
+    from rlsync.errors import EngineNotReady, SyncError
+
+    scheme, ours, *_ = engines
+    perturb(trainer, scale=0.01, seed=33)
+    ours.backend.plan.clear()
+    arrivals["fail"] = RuntimeError("quantizer broke")
+    with pytest.raises(SyncError, match="quantizer broke"):
+        ours.sync(trainer, step=33)
+    assert ours.state is EngineState.FAILED and not ours.backend.plan.entries
+    with pytest.raises(EngineNotReady):
+        ours.score(SEQS[:1])
+    arrivals["fail"] = None
+    report = ours.sync(trainer, step=34, verify=True)
+    assert ours.state is EngineState.READY and report.planned is False and report.num_verified == report.num_written
+
+
 def test_sqnr_of_every_quantized_weight(engines, trainer):
     scheme, ours, *_ = engines
     ours.sync(trainer, step=10)
