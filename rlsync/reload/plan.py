@@ -205,16 +205,20 @@ class LoaderTrace(_Mode):
         self.numel = 0
         self.param, self.source = param, source
         self.copies: list[tuple[Geometry, Geometry]] | None = [] if param is not None and source is not None else None
+        self._places: tuple[tuple | None, tuple | None] | None = None
+        """`place` of `param` and `source`, taken at the first copy (a recorded MoE group has one per expert)."""
 
     def see(self, func, args, kwargs=None) -> None:
         if func is torch.ops.aten.copy_.default:
             self.numel += args[0].numel()
             if self.copies is not None:
-                dst, src = geometry(args[0], self.param), geometry(args[1], self.source)
-                if dst is None or src is None:
-                    self.copies = None
+                if self._places is None:
+                    self._places = place(self.param), place(self.source)
+                dst, src = args[0], args[1]
+                if _inside(place(dst), self._places[0]) and _inside(place(src), self._places[1]):
+                    self.copies.append((_geometry_in(dst, self.param), _geometry_in(src, self.source)))
                 else:
-                    self.copies.append((dst, src))
+                    self.copies = None
         elif func._schema.is_mutable and not writes_nothing(func, args, kwargs):
             self.copies = None
 
