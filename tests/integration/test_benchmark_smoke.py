@@ -51,6 +51,22 @@ def test_sync_benchmark_quick(tmp_path):
     assert "| bf16 | rlsync (plan) |" in proc.stdout and "| bf16 | native |" in proc.stdout
 
 
+def test_plan_ab_benchmark_quick(tmp_path):
+    """plan_ab.py times plan / no plan / recording syncs and the floor on one engine, checks each sync's
+    `planned`, and verifies the engine at the end."""
+    out = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plan_ab.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["status"] == "ok" and record["verify"].startswith("ok"), record.get("error")
+    assert all(len(record["times_s"][m]) == 2 and min(record["times_s"][m]) > 0 for m in ("plan", "noplan", "record", "floor"))
+    assert record["record_vs_noplan"] > 0 and record["x_floor"]["plan"] > 0
+    assert "| tiny | bf16 |" in proc.stdout
+
+
 def test_sync_benchmark_moe_quick(tmp_path):
     """`--moe --quick`: a tiny Qwen3-MoE, rlsync (bf16, FP8 channel), and the expert series."""
     out = tmp_path / "moe.json"

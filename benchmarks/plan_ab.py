@@ -1,0 +1,146 @@
+"""Plan on, plan off and recording syncs on one engine, interleaved: the sync plan's ratios without the drift.
+
+    .venv/bin/python benchmarks/plan_ab.py --models bench --quants bf16 rlsync_fp8/channel --rounds 8
+    .venv/bin/python benchmarks/plan_ab.py --models moe-e8 moe-e256 --quants bf16 --rounds 4
+    .venv/bin/python benchmarks/plan_ab.py --quick          # CI smoke: tiny model, bf16, 2 rounds
+
+Why: `sync.py` times each method in a process of its own, minutes apart. On a
+shared 2-core machine one cell moves by 20-30% between runs, and the copy floor
+by as much (35-47 ms for the bench model's FP8 bytes across three runs of one
+session), so a ratio of two cells, or of a cell to a floor taken minutes
+earlier, carries that drift. Here one process (per model and quant) builds one
+rlsync engine and, round after round, times:
+- `plan`: a planned sync (the plan the previous sync left);
+- `noplan`: the plan switched off (`backend.plan = None`: vLLM's `load_weights`
+  per group, what `sync_plan=False` does);
+- `record`: a recording sync (the plan cleared first: every group records, as a
+  first sync does);
+- `floor`: the copy floor of the bytes a sync must move (`_floor.copy_floor_s`,
+  3 copies).
+The order is reversed every other round. Each ratio is taken within a round and
+the median over rounds is reported: record / noplan (a first sync against a
+sync without a plan), plan / noplan, and each mode / the round's floor. Every
+timed sync checks its `SyncReport.planned` (True, None, False); the engine is
+verified bit for bit at the end.
+
+Limitations:
+1. rlsync's modes only: vLLM's native reload needs an engine of its own (`sync.py` times it).
+2. One engine for all modes: the allocator's state carries over from one mode to the next, as between the
+   steps of a training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _floor import checkpoint_facts, copy_floor_s  # noqa: E402
+from _methods import Bench, emit  # noqa: E402
+from _run import SINGLE_THREAD_ENV, env_line, environment, load_average, run_child  # noqa: E402
+
+MODES = ("plan", "noplan", "record")
+PLANNED = {"plan": True, "noplan": None, "record": False}
+"""What each mode's `SyncReport.planned` must say."""
+
+
+def measure(model: str, quant: str, rounds: int) -> dict[str, Any]:
+    """One (model, quant) in this process: every mode and the floor, `rounds` times, interleaved."""
+    from sync import model_path
+
+    path = model_path(model)
+    facts = checkpoint_facts(path)
+    floor_bytes = facts.num_bytes if quant == "bf16" else facts.fp8_moved_bytes // 2
+    bench = Bench(path, quant, "rlsync")
+    backend = bench.engine.backend
+    plan = backend.plan
+    for _ in range(2):  # warm: the first sync records, the second replays
+        bench.sync()
+    times: dict[str, list[float]] = {m: [] for m in (*MODES, "floor")}
+    for r in range(rounds):
+        for mode in (*MODES, "floor") if r % 2 == 0 else ("floor", *MODES[::-1]):
+            if mode == "floor":
+                times["floor"].append(copy_floor_s(floor_bytes, repeats=3))
+                continue
+            backend.plan = None if mode == "noplan" else plan
+            if mode == "record":
+                plan.clear()
+            bench.step += 1
+            start = time.perf_counter()
+            report = bench.engine.sync(bench.trainer, bench.step)
+            times[mode].append(time.perf_counter() - start)
+            if report.planned is not PLANNED[mode]:
+                raise RuntimeError(f"{mode}: the sync reported planned={report.planned}")
+            backend.plan = plan
+    verified = bench.verify()
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+    return {"model": model, "quant": quant, "rounds": rounds, "status": "ok", "times_s": times,
+            "median_s": {m: statistics.median(v) for m, v in times.items()},
+            "record_vs_noplan": ratio("record", "noplan"), "plan_vs_noplan": ratio("plan", "noplan"),
+            "x_floor": {m: ratio(m, "floor") for m in MODES}, "verify": f"ok ({verified} tensors)"}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [env_line(result["env"]), "",
+             "| model | quant | plan s | noplan s | record s | floor ms | plan / noplan | record / noplan "
+             "| plan x floor | verify |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['quant']} | failed: {r['error']} |")
+            continue
+        m = r["median_s"]
+        lines.append(f"| {r['model']} | {r['quant']} | {m['plan']:.4f} | {m['noplan']:.4f} | {m['record']:.4f} "
+                     f"| {m['floor'] * 1e3:.1f} | {r['plan_vs_noplan']:.2f} | {r['record_vs_noplan']:.2f} "
+                     f"| {r['x_floor']['plan']:.1f} | {r['verify']} |")
+    return "\n".join(lines) + f"\n\nRatios: median over {result['records'][0].get('rounds', '-')} rounds of each " \
+                              "round's own ratio (floor: the copy floor measured in that round)."
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke: tiny model, bf16, 2 rounds")
+    p.add_argument("--models", nargs="+", default=["bench"])
+    p.add_argument("--quants", nargs="+", default=["bf16", "rlsync_fp8/tensor", "rlsync_fp8/channel",
+                                                    "rlsync_fp8/block"])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per (model, quant) process")
+    p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument("--child", nargs=2, metavar=("MODEL", "QUANT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds: at least 1")
+    if args.child:
+        emit(measure(*args.child, args.rounds))
+        return 0
+    if args.quick:
+        args.models, args.quants, args.rounds = ["tiny"], ["bf16"], 2
+    env = environment(1)
+    start = time.perf_counter()
+    records = []
+    for model in args.models:
+        for quant in args.quants:
+            cmd = [sys.executable, __file__, "--child", model, quant, "--rounds", str(args.rounds)]
+            records.append(run_child(cmd, {**os.environ, **SINGLE_THREAD_ENV}, args.timeout,
+                                     model=model, quant=quant))
+            print(f"{model} {quant}: {records[-1].get('median_s', records[-1].get('error'))}", file=sys.stderr,
+                  flush=True)
+    env["load_after"], env["wall_s"] = load_average(), time.perf_counter() - start
+    result = {"env": env, "records": records}
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=1))
+    print(table(result))
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
