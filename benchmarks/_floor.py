@@ -77,14 +77,23 @@ def checkpoint_facts(model_dir: str | Path) -> CheckpointFacts:
     )
 
 
-def copy_floor_s(nbytes: int, repeats: int = 9) -> float:
-    """Median seconds of one `dst.copy_(src)` of `nbytes` bytes (after two warm-up copies)."""
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        dst.copy_(src)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def copy_floor_s(nbytes: int, repeats: int = 9, threads: int | None = None) -> float:
+    """Median seconds of one `dst.copy_(src)` of `nbytes` bytes (after two warm-up copies), on `threads` torch
+    threads (None: as this process is set). A parent process that times children run with `--threads N` must
+    pass N: torch parallelizes the copy over every thread it has (on this 2-core machine one thread takes about
+    twice the time of two), and the floor must run as the syncs do."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        src = torch.ones(nbytes, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        times = []
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            dst.copy_(src)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(before)

@@ -169,7 +169,8 @@ def run(cfg: SyncBenchConfig) -> dict[str, Any]:
         if name not in models:
             path = model_path(name)
             facts = checkpoint_facts(path)
-            floor = {"bf16": copy_floor_s(facts.num_bytes), "fp8": copy_floor_s(facts.fp8_moved_bytes // 2)}
+            floor = {"bf16": copy_floor_s(facts.num_bytes, threads=cfg.threads),
+                     "fp8": copy_floor_s(facts.fp8_moved_bytes // 2, threads=cfg.threads)}
             models[name] = {"name": name, "path": path, "spec": dataclasses.asdict(model_spec(name)),
                             "facts": dataclasses.asdict(facts), "floor_s": floor, "records": []}
         record = run_method(models[name]["path"], quant, method, cfg)
