@@ -6,12 +6,14 @@ torch's `clamp(-448, 448)` then cast, on every finite pattern.
 
     .venv/bin/python scripts/check_e4m3_cast.py              # all 2^32 patterns, eager and compiled (a few minutes)
     .venv/bin/python scripts/check_e4m3_cast.py --stride 97  # every 97th pattern (seconds)
-    .venv/bin/python scripts/check_e4m3_cast.py --division   # the kernel's per-channel division (seconds)
+    .venv/bin/python scripts/check_e4m3_cast.py --division   # the kernel's per-channel division and rows (under a minute)
 
 `--division` checks the C kernel's per-channel rows, which divide without the
 divider (a reciprocal and one fused-multiply-add correction on CPUs with FMA):
 every finite bf16 amax, every bf16 x with |x| <= amax, both signs (about 10^9
-pairs), e4m3 codes against IEEE division's then the same cast.
+pairs), e4m3 codes against IEEE division's then the same cast; then whole rows
+of 32, 40 and 896 elements through `rlsync_channel` (each row holding its amax),
+scales and codes against the scalar reference (`cpu_kernel.row_mismatches`).
 
 Exits 1 naming the first differing input. The unit test (`tests/unit/test_quant_e4m3.py`)
 checks a strided sample and every rounding boundary; this script is the whole proof.
@@ -80,7 +82,21 @@ def check_division() -> int:
         return 1
     print(f"C kernel division: every finite bf16 amax, every bf16 x with |x| <= amax: codes identical to IEEE "
           f"division's; {time.perf_counter() - start:.0f} s")
+    for k in ROW_WIDTHS:
+        start = time.perf_counter()
+        count, first = cpu_kernel.row_mismatches(k)
+        if count:
+            print(f"C kernel rows of {k}: {count} elements differ, first amax bits {first[0]:#06x}, x bits {first[1]:#06x}",
+                  file=sys.stderr)
+            return 1
+        print(f"C kernel rows of {k}: every finite bf16 amax with every bf16 x, |x| <= amax: scales and codes identical "
+              f"to the reference's; {time.perf_counter() - start:.0f} s")
     return 0
+
+
+ROW_WIDTHS = (32, 40, 896)
+"""Whole per-channel rows checked by `--division`: 32 (the register path of 256-expert down projections), 40
+(the 8-row scale division with a scalar tail), 896 (long rows)."""
 
 
 if __name__ == "__main__":

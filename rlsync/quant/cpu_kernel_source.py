@@ -23,7 +23,7 @@ static inline float bf16_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float
 
 /* max |w| of one row as bf16 bits (for finite values the integer order is the float order); with AVX2 16 at a
    time by hand (GCC's loop for an unknown k spends more on its set-up than a 32-element row takes) */
-static inline uint16_t row_absmax(const uint16_t *row, int64_t k) {
+static inline __attribute__((always_inline)) uint16_t row_absmax(const uint16_t *row, int64_t k) {
     uint16_t m = 0;
     int64_t j = 0;
 #ifdef __AVX2__
@@ -141,7 +141,7 @@ static inline __m512i e4m3_mag16(__m512i mag) {
    the reference's x op scale, cast). With AVX2, 32 elements per step by hand (GCC's own vectorization of the
    scalar loop spent about twice the instructions on widening, masking and repacking); the tail, and CPUs
    without AVX2, take the scalar loop. */
-static void row_div_r(const uint16_t *row, uint8_t *out, int64_t k, float s, float r, const uint16_t *next) {
+static inline __attribute__((always_inline)) void row_div_r(const uint16_t *row, uint8_t *out, int64_t k, float s, float r, const uint16_t *next) {
     int64_t j = 0;
     (void)r;
 #if defined(RLSYNC_AVX512) && defined(__FMA__)
@@ -195,6 +195,41 @@ int64_t rlsync_division_mismatches(int64_t a0, int64_t a1, int64_t *bad) {
     return count;
 }
 
+/* The proof of rlsync_channel's rows as a whole (the 32-element register path above included): for every amax
+   with bf16 bits in [a0, a1), every bf16 x with |x| <= amax (both signs) in rows of k elements whose first is
+   the amax, rlsync_channel's scale and codes against the scalar reference's. Returns the number of differing
+   elements (a wrong scale counts its row), the first in bad[0] (amax bits) and bad[1] (x bits); -1 when out of
+   memory. */
+int rlsync_channel(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t k, int64_t ws, int64_t wr,
+                   uint8_t *q, int64_t qs, int64_t qr, float *scale, int64_t ss, int64_t sr);
+int64_t rlsync_row_mismatches(int64_t a0, int64_t a1, int64_t k, int64_t *bad) {
+    int64_t per = k - 1, max_rows = (2 * 65536) / per + 2;
+    uint16_t *w = malloc(max_rows * k * sizeof(uint16_t));
+    uint8_t *q = malloc(max_rows * k);
+    float *sc = malloc(max_rows * sizeof(float));
+    int64_t count = 0;
+    if (!w || !q || !sc || k < 2) { free(w); free(q); free(sc); return -1; }
+    for (int64_t a = a0; a < a1; a++) {
+        int64_t rows = 0, j = per;
+        for (int64_t m = 0; m <= a; m++)
+            for (int sign = 0; sign < 2; sign++) {
+                if (j == per) { w[rows * k] = (uint16_t)a; rows++; j = 0; }
+                w[(rows - 1) * k + 1 + j++] = (uint16_t)(m | (sign ? 0x8000 : 0));
+            }
+        for (; j < per; j++) w[(rows - 1) * k + 1 + j] = 0;  /* the last row's tail: zeros */
+        if (rlsync_channel(w, 0, rows, rows, k, 0, k, q, 0, k, sc, 0, 1)) { count++; bad[0] = a; bad[1] = a; continue; }
+        float s = bf16_f32((uint16_t)a) / 448.0f;
+        s = s < min_scale ? min_scale : s;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t e = 0; e < k; e++) {
+                uint16_t x = w[r * k + e];
+                if ((sc[r] != s || q[r * k + e] != e4m3_clamped(bf16_f32(x) / s)) && count++ == 0) { bad[0] = a; bad[1] = x; }
+            }
+    }
+    free(w); free(q); free(sc);
+    return count;
+}
+
 /* `next`: bytes to fetch into the cache meanwhile, as many as the row's (NULL: none) */
 static void row_mul(const uint16_t *row, uint8_t *out, int64_t k, float inv, const uint16_t *next) {
     int64_t j = 0;
@@ -221,6 +256,44 @@ int rlsync_channel(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t
 #ifdef __AVX2__
     /* Short rows (256 experts' down projections: 32 elements) spent half their time on two scalar divisions per
        row (scale, reciprocal); here 8 rows share one vector division of each, lane for lane the same IEEE ops. */
+#if defined(RLSYNC_AVX512) && defined(__FMA__)
+    /* 32-element rows (a 256-expert layer's down projections), 8 at a time, each one register: loaded once for
+       its amax and its codes (the steps of row_absmax, the 8-row scale division below and row_div_r's
+       AVX-512 loop, on values already in registers) */
+    for (; k == 32 && r + 8 <= r1; r += 8) {
+        __m512i v[8]; __mmask32 neg[8]; uint8_t *outs[8]; float *scales[8]; float amax[8], sc[8], rc[8];
+        const __m512i nosign512 = _mm512_set1_epi16(0x7FFF);
+        for (int t = 0; t < 8; t++) {
+            __m512i x = _mm512_loadu_si512((const void *)(w + s * ws + i * wr));
+            outs[t] = q + s * qs + i * qr; scales[t] = scale + s * ss + i * sr;
+            neg[t] = _mm512_movepi16_mask(x);
+            v[t] = _mm512_and_si512(x, nosign512);
+            __m256i y = _mm256_max_epu16(_mm512_castsi512_si256(v[t]), _mm512_extracti64x4_epi64(v[t], 1));
+            __m128i z = _mm_max_epu16(_mm256_castsi256_si128(y), _mm256_extracti128_si256(y, 1));
+            z = _mm_max_epu16(z, _mm_srli_si128(z, 8));
+            z = _mm_max_epu16(z, _mm_srli_si128(z, 4));
+            z = _mm_max_epu16(z, _mm_srli_si128(z, 2));
+            uint16_t m = (uint16_t)_mm_extract_epi16(z, 0);
+            if (m >= 0x7F80) return 1;
+            amax[t] = bf16_f32(m);
+            if (++i == n) { i = 0; s++; }
+        }
+        __m256 d = _mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(amax), _mm256_set1_ps(448.0f)), _mm256_set1_ps(min_scale));
+        _mm256_storeu_ps(sc, d);
+        _mm256_storeu_ps(rc, _mm256_div_ps(_mm256_set1_ps(1.0f), d));
+        const __m256i sign8 = _mm256_set1_epi8((char)0x80);
+        for (int t = 0; t < 8; t++) {
+            *scales[t] = sc[t];
+            const __m512 vs = _mm512_set1_ps(sc[t]), vr = _mm512_set1_ps(rc[t]);
+#define DIV_S(x) _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_mul_ps((x), vr), vs, (x)), vr, _mm512_mul_ps((x), vr))
+            __m128i lo = CODES16_AVX512(DIV_S, _mm512_castsi512_si256(v[t]));
+            __m128i hi = CODES16_AVX512(DIV_S, _mm512_extracti64x4_epi64(v[t], 1));
+#undef DIV_S
+            __m256i codes = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+            _mm256_storeu_si256((__m256i *)outs[t], _mm256_or_si256(codes, _mm256_maskz_mov_epi8(neg[t], sign8)));
+        }
+    }
+#endif
     for (; k <= 128 && r + 8 <= r1; r += 8) {
         const uint16_t *rows[8]; uint8_t *outs[8]; float *scales[8]; float amax[8], sc[8], rc[8];
         for (int t = 0; t < 8; t++) {

@@ -211,3 +211,13 @@ def test_division_without_the_divider_on_a_sample_of_every_amax():
     assert cpu_kernel.division_mismatches(0, 64) == (0, None)  # zero and the smallest subnormal amaxes
     for a in list(range(64, 0x7F80, 251)) + [0x3680, 0x3700, 0x7F70, 0x7F7F]:
         assert cpu_kernel.division_mismatches(a, a + 1) == (0, None), hex(a)
+
+
+@pytest.mark.parametrize("k", [32, 40, 896])
+def test_whole_rows_on_a_sample_of_every_amax(k):
+    """`rlsync_channel` on rows of k elements holding their amax and every |x| <= amax, against the scalar reference:
+    32 is the register path of 256-expert down projections (8 rows at a time), 40 the 8-row scale division,
+    896 long rows. scripts/check_e4m3_cast.py --division checks every amax; this a strided sample plus the ends."""
+    assert cpu_kernel.row_mismatches(k, 0, 64) == (0, None)
+    for a in list(range(64, 0x7F80, 1021)) + [0x3680, 0x3700, 0x7F70, 0x7F7F]:
+        assert cpu_kernel.row_mismatches(k, a, a + 1) == (0, None), hex(a)
