@@ -21,6 +21,25 @@ static inline float bf16_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float
 #define RLSYNC_AVX512 1  /* 16 fp32 lanes, byte narrowing (vpmovdb) and per-byte masks */
 #endif
 
+#ifdef __AVX2__
+/* the largest of 16 unsigned 16-bit lanes */
+static inline uint16_t max_epu16_16(__m256i v) {
+    __m128i x = _mm_max_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    x = _mm_max_epu16(x, _mm_srli_si128(x, 8));
+    x = _mm_max_epu16(x, _mm_srli_si128(x, 4));
+    x = _mm_max_epu16(x, _mm_srli_si128(x, 2));
+    return (uint16_t)_mm_extract_epi16(x, 0);
+}
+
+/* 8 rows' scales (amax / 448, clamped below: max(x, min) is the scalar clamp for these finite, non-negative
+   values) and their reciprocals, one vector division each: lane for lane the scalar IEEE operations */
+static inline void scales8(const float *amax, float *sc, float *rc) {
+    __m256 v = _mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(amax), _mm256_set1_ps(448.0f)), _mm256_set1_ps(min_scale));
+    _mm256_storeu_ps(sc, v);
+    _mm256_storeu_ps(rc, _mm256_div_ps(_mm256_set1_ps(1.0f), v));
+}
+#endif
+
 /* max |w| of one row as bf16 bits (for finite values the integer order is the float order); with AVX2 16 at a
    time by hand (GCC's loop for an unknown k spends more on its set-up than a 32-element row takes) */
 static inline __attribute__((always_inline)) uint16_t row_absmax(const uint16_t *row, int64_t k) {
@@ -41,11 +60,7 @@ static inline __attribute__((always_inline)) uint16_t row_absmax(const uint16_t 
 #endif
         for (; j + 16 <= k; j += 16)
             v = _mm256_max_epu16(v, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(row + j)), nosign));
-        __m128i x = _mm_max_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        x = _mm_max_epu16(x, _mm_srli_si128(x, 8));
-        x = _mm_max_epu16(x, _mm_srli_si128(x, 4));
-        x = _mm_max_epu16(x, _mm_srli_si128(x, 2));
-        m = (uint16_t)_mm_extract_epi16(x, 0);
+        m = max_epu16_16(v);
     }
 #endif
     for (; j < k; j++) { uint16_t a = row[j] & 0x7FFF; m = a > m ? a : m; }
@@ -116,6 +131,9 @@ static inline __m512i e4m3_mag16(__m512i mag) {
     return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(_mm512_set1_epi32(121 << 23), mag), norm, sub);
 }
 
+/* |x| / s on 16 lanes without the divider (`vs` = s, `vr` = 1 / s in scope): row_div_r's AVX2 + FMA steps */
+#define DIV_S512(x) _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_mul_ps((x), vr), vs, (x)), vr, _mm512_mul_ps((x), vr))
+
 /* 16 bf16 |x| (sign cleared) -> 16 codes as bytes in element order: widen to fp32 bits, OP, cast, narrow */
 #define CODES16_AVX512(OP, h) \
     _mm512_cvtepi32_epi8(e4m3_mag16(_mm512_castps_si512(OP(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))))))
@@ -147,9 +165,7 @@ static inline __attribute__((always_inline)) void row_div_r(const uint16_t *row,
 #if defined(RLSYNC_AVX512) && defined(__FMA__)
     /* as the AVX2 + FMA branch below, on 16 lanes */
     const __m512 vs = _mm512_set1_ps(s), vr = _mm512_set1_ps(r);
-#define DIV_S(x) _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_mul_ps((x), vr), vs, (x)), vr, _mm512_mul_ps((x), vr))
-    ROW_FP8_AVX512(DIV_S, _mm_prefetch((const char *)(next + j), _MM_HINT_T0))
-#undef DIV_S
+    ROW_FP8_AVX512(DIV_S512, _mm_prefetch((const char *)(next + j), _MM_HINT_T0))
 #elif defined(__AVX2__) && defined(__FMA__)
     /* |x| / s without the divider, which bounds this loop otherwise (one vdivps per 8 elements, ~5 cycles):
        q = |x| * r with r = 1 / s rounded, then one Markstein correction by fused multiply-adds (the residual
@@ -268,27 +284,18 @@ int rlsync_channel(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t
             outs[t] = q + s * qs + i * qr; scales[t] = scale + s * ss + i * sr;
             neg[t] = _mm512_movepi16_mask(x);
             v[t] = _mm512_and_si512(x, nosign512);
-            __m256i y = _mm256_max_epu16(_mm512_castsi512_si256(v[t]), _mm512_extracti64x4_epi64(v[t], 1));
-            __m128i z = _mm_max_epu16(_mm256_castsi256_si128(y), _mm256_extracti128_si256(y, 1));
-            z = _mm_max_epu16(z, _mm_srli_si128(z, 8));
-            z = _mm_max_epu16(z, _mm_srli_si128(z, 4));
-            z = _mm_max_epu16(z, _mm_srli_si128(z, 2));
-            uint16_t m = (uint16_t)_mm_extract_epi16(z, 0);
+            uint16_t m = max_epu16_16(_mm256_max_epu16(_mm512_castsi512_si256(v[t]), _mm512_extracti64x4_epi64(v[t], 1)));
             if (m >= 0x7F80) return 1;
             amax[t] = bf16_f32(m);
             if (++i == n) { i = 0; s++; }
         }
-        __m256 d = _mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(amax), _mm256_set1_ps(448.0f)), _mm256_set1_ps(min_scale));
-        _mm256_storeu_ps(sc, d);
-        _mm256_storeu_ps(rc, _mm256_div_ps(_mm256_set1_ps(1.0f), d));
+        scales8(amax, sc, rc);
         const __m256i sign8 = _mm256_set1_epi8((char)0x80);
         for (int t = 0; t < 8; t++) {
             *scales[t] = sc[t];
             const __m512 vs = _mm512_set1_ps(sc[t]), vr = _mm512_set1_ps(rc[t]);
-#define DIV_S(x) _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_mul_ps((x), vr), vs, (x)), vr, _mm512_mul_ps((x), vr))
-            __m128i lo = CODES16_AVX512(DIV_S, _mm512_castsi512_si256(v[t]));
-            __m128i hi = CODES16_AVX512(DIV_S, _mm512_extracti64x4_epi64(v[t], 1));
-#undef DIV_S
+            __m128i lo = CODES16_AVX512(DIV_S512, _mm512_castsi512_si256(v[t]));
+            __m128i hi = CODES16_AVX512(DIV_S512, _mm512_extracti64x4_epi64(v[t], 1));
             __m256i codes = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
             _mm256_storeu_si256((__m256i *)outs[t], _mm256_or_si256(codes, _mm256_maskz_mov_epi8(neg[t], sign8)));
         }
@@ -303,10 +310,7 @@ int rlsync_channel(const uint16_t *w, int64_t r0, int64_t r1, int64_t n, int64_t
             amax[t] = bf16_f32(m);
             if (++i == n) { i = 0; s++; }
         }
-        /* max(x, min) is the scalar clamp below for these finite, non-negative scales */
-        __m256 v = _mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(amax), _mm256_set1_ps(448.0f)), _mm256_set1_ps(min_scale));
-        _mm256_storeu_ps(sc, v);
-        _mm256_storeu_ps(rc, _mm256_div_ps(_mm256_set1_ps(1.0f), v));
+        scales8(amax, sc, rc);
         for (int t = 0; t < 8; t++) {
             *scales[t] = sc[t];
             row_div_r(rows[t], outs[t], k, sc[t], rc[t], t < 7 ? rows[t + 1] : rows[t]);
