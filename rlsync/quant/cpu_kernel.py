@@ -77,6 +77,7 @@ from pathlib import Path
 
 import torch
 
+from rlsync.errors import ConfigError
 from rlsync.quant import reference
 from rlsync.quant.cpu_kernel_source import SOURCE as _SOURCE
 
@@ -111,7 +112,7 @@ def _flags() -> list[str]:
     AVX2 rows too: the tests run both)."""
     isa = os.environ.get("RLSYNC_CPU_KERNEL_ISA", "native")
     if isa not in ("native", "avx2"):
-        raise ValueError(f"RLSYNC_CPU_KERNEL_ISA={isa!r}: native or avx2")
+        raise ConfigError(f"RLSYNC_CPU_KERNEL_ISA={isa!r}: native or avx2")
     return _FLAGS + (["-mno-avx512f"] if isa == "avx2" else [])
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rlsync.errors import ConfigError
 from rlsync.quant import cpu_kernel, reference
 
 
@@ -18,7 +19,7 @@ def isa(request, monkeypatch):
 
 def test_an_unknown_isa_is_refused(monkeypatch):
     monkeypatch.setenv("RLSYNC_CPU_KERNEL_ISA", "avx9")
-    with pytest.raises(ValueError, match="native or avx2"):
+    with pytest.raises(ConfigError, match="native or avx2"):
         cpu_kernel._flags()
 
 
