@@ -96,9 +96,10 @@ def _geometry_in(view: torch.Tensor, base: torch.Tensor) -> Geometry:
     return tuple(view.shape), tuple(view.stride()), view.storage_offset() - base.storage_offset()
 
 
-def geometry(view: torch.Tensor, base: torch.Tensor) -> Geometry | None:
-    """`view` as (size, stride, offset) inside `base`'s elements, or None when it is not inside them."""
-    return _geometry_in(view, base) if _inside(place(view), place(base)) else None
+def geometry(view: torch.Tensor, base: torch.Tensor, where: tuple | None = None) -> Geometry | None:
+    """`view` as (size, stride, offset) inside `base`'s elements, or None when it is not inside them.
+    `where`: `place(base)`, when the caller keeps it (one base, many views)."""
+    return _geometry_in(view, base) if _inside(place(view), place(base) if where is None else where) else None
 
 
 def view_of(base: torch.Tensor, geom: Geometry) -> torch.Tensor:
@@ -214,11 +215,11 @@ class LoaderTrace(_Mode):
             if self.copies is not None:
                 if self._places is None:
                     self._places = place(self.param), place(self.source)
-                dst, src = args[0], args[1]
-                if _inside(place(dst), self._places[0]) and _inside(place(src), self._places[1]):
-                    self.copies.append((_geometry_in(dst, self.param), _geometry_in(src, self.source)))
-                else:
+                dst, src = geometry(args[0], self.param, self._places[0]), geometry(args[1], self.source, self._places[1])
+                if dst is None or src is None:
                     self.copies = None
+                else:
+                    self.copies.append((dst, src))
         elif func._schema.is_mutable and not writes_nothing(func, args, kwargs):
             self.copies = None
 
