@@ -23,6 +23,15 @@ sync without a plan), plan / noplan, and each mode / the round's floor. Every
 timed sync checks its `SyncReport.planned` (True, None, False); the engine is
 verified bit for bit at the end.
 
+Comparing models (`--processes N`): two models are two engines, hence two
+processes, and a process on this machine can run 1.3-1.5x slower than the one
+before it for the same work (an MoE series measured 1.43x in one pair of
+processes and 1.07x in the next). `--processes N` runs the whole (model,
+quant) list N times, cycling through it, and adds a summary per (model, quant):
+the median over processes of each process's median planned sync and of its
+plan x floor, and both as a ratio to the first model of the list (the MoE
+scaling target: 256 experts against 8).
+
 Limitations:
 1. rlsync's modes only: vLLM's native reload needs an engine of its own (`sync.py` times it).
 2. One engine for all modes: the allocator's state carries over from one mode to the next, as between the
@@ -92,18 +101,48 @@ def measure(model: str, quant: str, rounds: int) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     lines = [env_line(result["env"]), "",
-             "| model | quant | plan s | noplan s | record s | floor ms | plan / noplan | record / noplan "
-             "| plan x floor | verify |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| process | model | quant | plan s | noplan s | record s | floor ms | plan / noplan | record / noplan "
+             "| plan x floor | verify |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['quant']} | failed: {r['error']} |")
+            lines.append(f"| {r.get('process', 1)} | {r['model']} | {r['quant']} | failed: {r['error']} |")
             continue
         m = r["median_s"]
-        lines.append(f"| {r['model']} | {r['quant']} | {m['plan']:.4f} | {m['noplan']:.4f} | {m['record']:.4f} "
-                     f"| {m['floor'] * 1e3:.1f} | {r['plan_vs_noplan']:.2f} | {r['record_vs_noplan']:.2f} "
-                     f"| {r['x_floor']['plan']:.1f} | {r['verify']} |")
-    return "\n".join(lines) + f"\n\nRatios: median over {result['records'][0].get('rounds', '-')} rounds of each " \
+        lines.append(f"| {r.get('process', 1)} | {r['model']} | {r['quant']} | {m['plan']:.4f} | {m['noplan']:.4f} "
+                     f"| {m['record']:.4f} | {m['floor'] * 1e3:.1f} | {r['plan_vs_noplan']:.2f} "
+                     f"| {r['record_vs_noplan']:.2f} | {r['x_floor']['plan']:.1f} | {r['verify']} |")
+    text = "\n".join(lines) + f"\n\nRatios: median over {result['records'][0].get('rounds', '-')} rounds of each " \
                               "round's own ratio (floor: the copy floor measured in that round)."
+    summary = across_processes(result["records"])
+    if summary:
+        text += "\n\n" + "\n".join([
+            "| model | quant | processes | plan s | plan x floor | plan s / first model's | plan x floor / first "
+            "model's |", "|---|---|---|---|---|---|---|",
+            *(f"| {s['model']} | {s['quant']} | {s['processes']} | {s['plan_s']:.4f} | {s['plan_x_floor']:.2f} "
+              f"| {s['plan_s_vs_first']:.2f} | {s['x_floor_vs_first']:.2f} |" for s in summary)])
+        text += "\n\nAcross processes: the median over processes of each process's median (first model: " \
+                f"{summary[0]['model']})."
+    return text
+
+
+def across_processes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, quant), the median over processes of the planned sync and its x floor, and both against the
+    first model's for the same quant; empty unless some (model, quant) ran in more than one process."""
+    ok = [r for r in records if r["status"] == "ok"]
+    keys = list(dict.fromkeys((r["model"], r["quant"]) for r in ok))
+    per = {k: [r for r in ok if (r["model"], r["quant"]) == k] for k in keys}
+    if all(len(v) < 2 for v in per.values()):
+        return []
+    rows, first = [], {}
+    for (model, quant), rs in per.items():
+        row = {"model": model, "quant": quant, "processes": len(rs),
+               "plan_s": statistics.median(r["median_s"]["plan"] for r in rs),
+               "plan_x_floor": statistics.median(r["x_floor"]["plan"] for r in rs)}
+        base = first.setdefault(quant, row)
+        row["plan_s_vs_first"] = row["plan_s"] / base["plan_s"]
+        row["x_floor_vs_first"] = row["plan_x_floor"] / base["plan_x_floor"]
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,12 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quants", nargs="+", default=["bf16", "rlsync_fp8/tensor", "rlsync_fp8/channel",
                                                     "rlsync_fp8/block"])
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the (model, quant) list this many times, cycling, and summarize across processes")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per (model, quant) process")
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--child", nargs=2, metavar=("MODEL", "QUANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds: at least 1")
+    if args.processes < 1:
+        p.error("--processes: at least 1")
     if args.child:
         emit(measure(*args.child, args.rounds))
         return 0
@@ -127,15 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(1)
     start = time.perf_counter()
     records = []
-    for model in args.models:
-        for quant in args.quants:
-            cmd = [sys.executable, __file__, "--child", model, quant, "--rounds", str(args.rounds)]
-            records.append(run_child(cmd, {**os.environ, **SINGLE_THREAD_ENV}, args.timeout,
-                                     model=model, quant=quant))
-            print(f"{model} {quant}: {records[-1].get('median_s', records[-1].get('error'))}", file=sys.stderr,
-                  flush=True)
+    for process in range(1, args.processes + 1):
+        for model in args.models:
+            for quant in args.quants:
+                cmd = [sys.executable, __file__, "--child", model, quant, "--rounds", str(args.rounds)]
+                record = run_child(cmd, {**os.environ, **SINGLE_THREAD_ENV}, args.timeout, model=model, quant=quant)
+                records.append({**record, "process": process})
+                print(f"[{process}/{args.processes}] {model} {quant}: "
+                      f"{records[-1].get('median_s', records[-1].get('error'))}", file=sys.stderr, flush=True)
     env["load_after"], env["wall_s"] = load_average(), time.perf_counter() - start
-    result = {"env": env, "records": records}
+    result = {"env": env, "records": records, "across_processes": across_processes(records)}
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=1))
     print(table(result))

@@ -67,6 +67,28 @@ def test_plan_ab_benchmark_quick(tmp_path):
     assert "| tiny | bf16 |" in proc.stdout
 
 
+def test_plan_ab_summarizes_each_model_across_processes():
+    """`--processes N`: per (model, quant) the median over processes, and the ratio to the list's first model."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import plan_ab
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def rec(model, quant, plan_s, x_floor, process):
+        return {"status": "ok", "model": model, "quant": quant, "process": process,
+                "median_s": {"plan": plan_s}, "x_floor": {"plan": x_floor}}
+
+    one = [rec("moe-e8", "bf16", 1.0, 2.0, 1), rec("moe-e256", "bf16", 1.3, 2.4, 1)]
+    assert plan_ab.across_processes(one) == []  # one process each: nothing to summarize
+    runs = [*one, rec("moe-e8", "bf16", 1.2, 2.2, 2), rec("moe-e256", "bf16", 1.2, 2.6, 2),
+            rec("moe-e8", "bf16", 9.0, 9.0, 3), {"status": "failed", "model": "moe-e256", "quant": "bf16"}]
+    e8, e256 = plan_ab.across_processes(runs)
+    assert (e8["processes"], e8["plan_s"], e8["plan_x_floor"], e8["plan_s_vs_first"]) == (3, 1.2, 2.2, 1.0)
+    assert (e256["processes"], e256["plan_s"], e256["plan_x_floor"]) == (2, 1.25, 2.5)
+    assert e256["plan_s_vs_first"] == pytest.approx(1.25 / 1.2) and e256["x_floor_vs_first"] == pytest.approx(2.5 / 2.2)
+
+
 def test_sync_benchmark_moe_quick(tmp_path):
     """`--moe --quick`: a tiny Qwen3-MoE, rlsync (bf16, FP8 channel), and the expert series."""
     out = tmp_path / "moe.json"
