@@ -81,19 +81,32 @@ def span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def place(t: torch.Tensor) -> tuple | None:
-    """Where `t`'s elements lie: (storage address, dtype, device, first, one-past-last element); None on meta."""
+    """Where `t`'s elements lie: (dtype, device, first byte's address, one past the last byte's); None on meta.
+
+    Addresses, not (storage, element offsets): `data_ptr` is one C call where `untyped_storage()` builds a
+    Python object, and a recorded 256-expert layer asks thousands of times. Two live allocations never share an
+    address, so lying within another tensor's bytes means lying within its storage (or within memory another
+    storage object maps onto the same bytes, which a replay then writes just the same)."""
     if t.is_meta:
         return None
-    return t.untyped_storage().data_ptr(), t.dtype, t.device, *span(t)
+    ptr, size = t.data_ptr(), t.element_size()
+    if t.is_contiguous():
+        return t.dtype, t.device, ptr, ptr + t.numel() * size
+    lo, hi = span(t)
+    offset = t.storage_offset()
+    return t.dtype, t.device, ptr + (lo - offset) * size, ptr + (hi - offset) * size
 
 
 def _inside(p: tuple | None, q: tuple | None) -> bool:
-    """Place `p` lies within place `q` (same storage, dtype and device)."""
-    return p is not None and q is not None and p[:3] == q[:3] and q[3] <= p[3] and p[4] <= q[4]
+    """Place `p` lies within place `q` (same dtype and device)."""
+    return p is not None and q is not None and p[0] == q[0] and p[1] == q[1] and q[2] <= p[2] and p[3] <= q[3]
 
 
-def _geometry_in(view: torch.Tensor, base: torch.Tensor) -> Geometry:
-    return tuple(view.shape), tuple(view.stride()), view.storage_offset() - base.storage_offset()
+def _geometry_in(view: torch.Tensor, base: torch.Tensor) -> Geometry | None:
+    """`view`'s geometry inside `base` (of its dtype), or None when its first element is not on an element of
+    `base`'s (only memory that two storage objects map at an odd distance)."""
+    offset, rest = divmod(view.data_ptr() - base.data_ptr(), view.element_size())
+    return None if rest else (tuple(view.shape), view.stride(), offset)
 
 
 def geometry(view: torch.Tensor, base: torch.Tensor, where: tuple | None = None) -> Geometry | None:
@@ -112,9 +125,13 @@ def meta_of(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.stride(), t.dtype, t.device
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True, eq=False)
 class PlannedCall:
-    """One loader call recorded for one incoming tensor."""
+    """One loader call recorded for one incoming tensor; never changed once stored.
+
+    Not a frozen dataclass: a frozen one's constructor sets each field through `object.__setattr__`, 2 us a
+    call against 0.7, and a recorded 256-expert layer makes 768 of them. Compared by identity (`eq=False`):
+    a plan tells its calls apart by `id`, and two equal calls are still two calls."""
 
     layer: str
     """Module name of the layer session that received it."""
@@ -305,14 +322,17 @@ class Recorder:
         one first, then the rest. Same test as `geometry`, with each incoming tensor's place computed once
         (a recorded 256-expert layer asks 768 times)."""
         here = place(loaded)
-        current = [self.current] if 0 <= self.current < len(self.group) else []
-        for i in itertools.chain(current, range(len(self.group))):
+        if here is None:
+            return None
+        count = len(self.group)
+        for i in itertools.chain((self.current,) if 0 <= self.current < count else (), range(count)):
             where = self._where.get(i)
             if where is None:
                 where = self._where[i] = place(self.group[i][1])
             if _inside(here, where):
                 name, t = self.group[i]
-                return name, t, _geometry_in(loaded, t)
+                geom = _geometry_in(loaded, t)
+                return None if geom is None else (name, t, geom)
         return None
 
     def add(self, name: str, call: PlannedCall) -> None:

@@ -349,7 +349,7 @@ def test_an_unplannable_recording_makes_its_deferred_expert_calls_one_by_one(qwe
     one, many = quantizers
     trainer = _trainer(path)
     perturb(trainer, seed=12)
-    monkeypatch.setattr(recording, "template", lambda values, param, loaded: None)
+    monkeypatch.setattr(recording, "templates", lambda args, kwargs, param, loaded: None)
     engine.backend.plan.clear()
     for step in (1, 2):
         report = engine.sync(trainer, step=step, verify=True)

@@ -139,6 +139,14 @@ def test_geometry_and_stacked_views():
     assert geometry(view, base[2:]) is None  # starts before that base
     assert geometry(torch.zeros(2, 3), base) is None  # another storage
     assert span(view) == (8, 17)
+    assert geometry(view.view(torch.int32), base) is None  # same bytes, another dtype
+    alias = torch.from_numpy(base.numpy())  # another storage object over the same bytes: its elements all the same
+    assert alias.untyped_storage()._cdata != base.untyped_storage()._cdata and geometry(view, alias) == g
+    assert torch.equal(view_of(alias, g), view)
+    raw = bytearray(100)  # two float views of one buffer, 2 bytes apart: inside, but not on an element boundary
+    a = torch.frombuffer(memoryview(raw)[0:96], dtype=torch.float32)
+    b = torch.frombuffer(memoryview(raw)[2:94], dtype=torch.float32)
+    assert geometry(b, a) is None and geometry(a[1:5], a) == ((4,), (1,), 1)
     rows = [base[i] for i in range(4)]
     assert torch.equal(stacked_view(rows), base)
     assert torch.equal(stacked_view([base[0, :2], base[1, :2], base[2, :2]]), base[:3, :2])
