@@ -67,6 +67,18 @@ def test_plan_ab_benchmark_quick(tmp_path):
     assert "| tiny | bf16 |" in proc.stdout
 
 
+def test_kernel_ab_benchmark_quick(tmp_path):
+    """kernel_ab.py builds HEAD's kernel and this checkout's, times both on every path, reports after / before."""
+    out = tmp_path / "k.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ab.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["scheme"] for r in rows} == {"channel", "tensor", "block"}
+    assert all(r["before_s"] > 0 and r["after_s"] > 0 for r in rows)
+    assert "| channel | 16 x 256 x 32 |" in proc.stdout
+
+
 def test_plan_ab_summarizes_each_model_across_processes():
     """`--processes N`: per (model, quant) the median over processes, and the ratio to the list's first model."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
