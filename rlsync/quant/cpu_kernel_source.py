@@ -146,8 +146,8 @@ static inline __m512i e4m3_mag16(__m512i mag) {
     _mm512_cvtepi16_epi8(_mm512_packus_epi32(CODES_F32_AVX512(OP, _mm512_unpacklo_epi16(_mm512_setzero_si512(), (v))), \
                                              CODES_F32_AVX512(OP, _mm512_unpackhi_epi16(_mm512_setzero_si512(), (v)))))
 
-/* 32 bf16 per step in element order (no unpack / pack lane shuffles); the signs are the bf16 sign bits as a
-   32-bit mask, or-ed into their bytes at the end */
+/* 32 bf16 per step (codes in element order: CODES32_AVX512, whose shuffles stay within 128-bit lanes); the signs
+   are the bf16 sign bits as a 32-bit mask, or-ed into their bytes at the end */
 #define ROW_FP8_AVX512(OP, PREFETCH)                                                                       \
     const __m512i nosign512 = _mm512_set1_epi16(0x7FFF);                                                   \
     const __m256i sign8 = _mm256_set1_epi8((char)0x80);                                                    \

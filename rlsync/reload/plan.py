@@ -10,7 +10,7 @@ section). A plan makes it once.
 Recording (a group the plan does not cover goes through vLLM's `load_weights`
 as before): each loader call the reload backend's layer sessions see is
 attributed to the incoming tensor its `loaded_weight` is a view of (same
-storage, inside its bytes) and stored as a `PlannedCall`: the layer, the
+dtype and device, inside its bytes: `place`) and stored as a `PlannedCall`: the layer, the
 parameter, the shard key, the loader's other arguments, the numel counted and
 the view of the incoming tensor it received. Where the loader only copied
 views of that tensor into views of the parameter (checked on its dispatch
@@ -130,7 +130,7 @@ class PlannedCall:
     """One loader call recorded for one incoming tensor; never changed once stored.
 
     Not a frozen dataclass: a frozen one's constructor sets each field through `object.__setattr__`, 2 us a
-    call against 0.7, and a recorded 256-expert layer makes 768 of them. Compared by identity (`eq=False`):
+    call against 0.6, and a recorded 256-expert layer makes 768 of them. Compared by identity (`eq=False`):
     a plan tells its calls apart by `id`, and two equal calls are still two calls."""
 
     layer: str

@@ -44,8 +44,7 @@ def record_call(slot: Slot, layer: str, pname: str, key: tuple, numel: int, boun
     """Store one loader call for the incoming tensor its `loaded_weight` is a view of (or spoil the group);
     the stored call, None when spoiled or not recording.
 
-    `src`: `Recorder.source_of(loaded_weight)` when the caller already looked it up. One pass over the
-    arguments builds the call's templates and its other arguments (a 256-expert layer records 768 calls)."""
+    `src`: `Recorder.source_of(loaded_weight)` when the caller already looked it up."""
     rec = slot.recorder
     if rec is None:
         return None
