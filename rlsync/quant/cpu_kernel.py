@@ -332,19 +332,7 @@ def division_mismatches(a0: int = 0, a1: int = 0x7F80) -> tuple[int, tuple[int, 
     """The per-channel rows' division against IEEE division, exhaustively: every amax whose bf16 bits are in
     [a0, a1) (default: every finite one) with every bf16 x, |x| <= amax. Returns (differing pairs, the first as
     (amax bits, x bits) or None); needs `available()`. Used by scripts/check_e4m3_cast.py --division."""
-    lib = _library()
-    if isinstance(lib, str):
-        raise RuntimeError(f"division_mismatches needs the kernel ({lib})")
-
-    def run(lo: int, hi: int) -> tuple[int, tuple[int, int] | None]:
-        bad = (ctypes.c_int64 * 2)()
-        count = lib.rlsync_division_mismatches(a0 + lo, a0 + hi, ctypes.addressof(bad))
-        if count < 0:
-            raise MemoryError("rlsync_division_mismatches: out of memory")
-        return count, (bad[0], bad[1]) if count else None
-
-    parts = _split(a1 - a0, run, grain=256)
-    return sum(c for c, _ in parts), next((b for _, b in parts if b is not None), None)
+    return _proof("rlsync_division_mismatches", a0, a1)
 
 
 def row_mismatches(k: int, a0: int = 0, a1: int = 0x7F80) -> tuple[int, tuple[int, int] | None]:
@@ -353,15 +341,21 @@ def row_mismatches(k: int, a0: int = 0, a1: int = 0x7F80) -> tuple[int, tuple[in
     scale and every code. Checks what `division_mismatches` does not reach: the 32-element rows' register path
     (k = 32) and the 8-row scale division (k <= 128). Returns (differing elements, the first as (amax bits,
     x bits) or None); needs `available()`. Used by scripts/check_e4m3_cast.py --division."""
+    return _proof("rlsync_row_mismatches", a0, a1, k)
+
+
+def _proof(name: str, a0: int, a1: int, *extra: int) -> tuple[int, tuple[int, int] | None]:
+    """Run the C proof `name` over amax bits [a0, a1), split across the kernel's threads: (count, first mismatch)."""
     lib = _library()
     if isinstance(lib, str):
-        raise RuntimeError(f"row_mismatches needs the kernel ({lib})")
+        raise RuntimeError(f"{name} needs the kernel ({lib})")
+    fn = getattr(lib, name)
 
     def run(lo: int, hi: int) -> tuple[int, tuple[int, int] | None]:
         bad = (ctypes.c_int64 * 2)()
-        count = lib.rlsync_row_mismatches(a0 + lo, a0 + hi, k, ctypes.addressof(bad))
+        count = fn(a0 + lo, a0 + hi, *extra, ctypes.addressof(bad))
         if count < 0:
-            raise MemoryError("rlsync_row_mismatches: out of memory")
+            raise MemoryError(f"{name}: out of memory")
         return count, (bad[0], bad[1]) if count else None
 
     parts = _split(a1 - a0, run, grain=256)

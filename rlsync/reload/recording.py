@@ -58,10 +58,10 @@ def record_call(slot: Slot, layer: str, pname: str, key: tuple, numel: int, boun
         return None
     args, kwargs = templated
     named = {k: v for k, v in arguments.items() if k != "param" and k != "loaded_weight"}
-    view, incoming = src[2], src[1]
+    view = src[2]
     call = PlannedCall(layer=layer, pname=pname, key=key, numel=numel, loaded=view, args=args, kwargs=kwargs,
                        named=named, copies=None if copies is None else tuple(copies),
-                       whole=view[2] == 0 and view[0] == tuple(incoming.shape) and view[1] == incoming.stride())
+                       whole=view == (tuple(src[1].shape), src[1].stride(), 0))
     rec.add(src[0], call)
     return call
 
@@ -70,7 +70,7 @@ def templates(args: tuple, kwargs: dict[str, Any], param: torch.Tensor,
               loaded: torch.Tensor) -> tuple[tuple, dict[str, Any]] | None:
     """A loader call's positional and keyword arguments with `PARAM` / `LOADED` for those two tensors
     (`plan.template`), or None when another argument is a tensor."""
-    out_args = template(args, param, loaded) if args else ()
+    out_args = template(args, param, loaded)
     values = template(tuple(kwargs.values()), param, loaded)
     return None if out_args is None or values is None else (out_args, dict(zip(kwargs, values, strict=True)))
 
