@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 import weakref
 
 import torch
@@ -208,7 +209,8 @@ def unused_vocabulary_handles(model: torch.nn.Module) -> set[int]:
             and id(getattr(m, "weight", None)) not in heads}
 
 
-def process_layer(layer: torch.nn.Module, lazy_handle: bool = False) -> None:
+def process_layer(layer: torch.nn.Module, lazy_handle: bool = False,
+                  into: dict[str, torch.Tensor] | None = None) -> None:
     """Run the layer's `process_weights_after_loading` again, as vLLM's loader does.
 
     Online quantization methods skip processing once a layer carries
@@ -219,6 +221,8 @@ def process_layer(layer: torch.nn.Module, lazy_handle: bool = False) -> None:
     rank; `update_param_tp_status` re-reconciles them like vLLM's loader does.
     `lazy_handle` (an embedding in `unused_vocabulary_handles`): an unquantized
     embedding whose processing is its handle alone gets a `LazyHandle` instead.
+    `into` (the layer's kernel tensors by name, held aside by a swapped layer): CPU experts repack straight
+    into them (`expert_prepack_into`).
     """
     layer.__dict__.pop("_already_called_process_weights_after_loading", None)
     method = getattr(layer, "quant_method", None)
@@ -228,7 +232,8 @@ def process_layer(layer: torch.nn.Module, lazy_handle: bool = False) -> None:
     if lazy_handle and dropped == ["cpu_linear"] and type(method) in quant_method_types()["embedding"]:
         layer.cpu_linear = LazyHandle(layer, method)
     else:
-        process_with_expert_format(method, layer)
+        with expert_prepack_into(layer, into or {}):
+            process_with_expert_format(method, layer)
     _check_rebuilt(layer, dropped)
     if hasattr(layer, "update_param_tp_status"):
         layer.update_param_tp_status()
@@ -262,6 +267,69 @@ def process_with_expert_format(method: object, layer: torch.nn.Module) -> None:
         return
     type(method).process_weights_after_loading(method, layer)  # vLLM's, not a patch of `expert_format_on_update`
     method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+
+_CPU_MOE = "vllm.model_executor.layers.fused_moe.experts.cpu_moe"
+_PREPACK_LOCK = threading.Lock()
+
+
+def repacks_experts(layer: torch.nn.Module) -> bool:
+    """`layer` is vLLM's routed experts and its processing repacks them on CPU (`CPUUnquantizedExperts`: the
+    kernel format has the load format's shape, dtype and strides, but not its element order).
+
+    Such a layer is reloaded as a swapped layer although it passes through processing by shape: its loaders
+    fill load-format tensors and the repack writes the kernel tensors (`expert_prepack_into`). Loaded in place
+    instead, the repack would read the kernel tensors, write a new tensor, and a copy would bring that back:
+    one more pass over every expert byte, every sync.
+    """
+    module = sys.modules.get(_CPU_MOE)
+    if module is None or not is_routed_experts(layer):
+        return False
+    experts = getattr(getattr(getattr(layer, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+    return isinstance(experts, module.CPUUnquantizedExperts) and not getattr(experts, "_use_zentorch", False)
+
+
+@contextlib.contextmanager
+def expert_prepack_into(layer: torch.nn.Module, kernels: dict[str, torch.Tensor]):
+    """While open, vLLM's CPU expert repack of `layer`'s `w13_weight` / `w2_weight` writes into `kernels[name]`.
+
+    vLLM's `cpu_prepack_moe_weight` allocates the repacked tensor (`empty_like`) and
+    runs the `prepack_moe_weight` op into it; the op takes its output as an
+    argument, so the derived tensor can be refreshed in place: here it is the
+    kernel tensor, which processing then holds as an alias and the reload's
+    copy into kernel storage skips. Only when the kernel tensor can stand for
+    `empty_like(weight)` (`_fits`); any other weight goes through vLLM's
+    function unchanged. The module's function is swapped for the duration
+    (one expert layer at a time in a process, under a lock) and restored on
+    exit, exception or not.
+    """
+    module = sys.modules.get(_CPU_MOE)
+    if module is None or not kernels or not is_routed_experts(layer):
+        yield
+        return
+    with _PREPACK_LOCK:
+        original = module.cpu_prepack_moe_weight
+
+        def prepack(weight: torch.Tensor, isa: str) -> torch.Tensor:
+            for name in ("w13_weight", "w2_weight"):
+                dest = kernels.get(name)
+                if dest is not None and weight is getattr(layer, name, None) and _fits(dest, weight):
+                    torch.ops._C.prepack_moe_weight(weight, dest, isa)
+                    return dest.detach()
+            return original(weight, isa)
+
+        module.cpu_prepack_moe_weight = prepack
+        try:
+            yield
+        finally:
+            module.cpu_prepack_moe_weight = original
+
+
+def _fits(dest: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`dest` can stand for `empty_like(weight)` as the repack's output, and shares no memory with `weight`."""
+    return (dest.shape == weight.shape and dest.dtype == weight.dtype and dest.device == weight.device
+            and dest.is_contiguous() and weight.is_contiguous()
+            and dest.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr())
 
 
 @contextlib.contextmanager

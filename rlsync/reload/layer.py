@@ -108,6 +108,13 @@ def _loader_of(spec_or_tensor: TensorSpec | torch.Tensor, layer: nn.Module) -> C
     return loader if loader is not None else _default_loader
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`a` is `b`'s elements under another tensor object (processing wrote into the kernel tensor and holds an
+    alias of it: `vllm_layers.expert_prepack_into`)."""
+    return (not a.is_meta and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
 def _default_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
     vllm_load.default_weight_loader()(param, loaded_weight)
 
@@ -299,7 +306,7 @@ class SwappedLayer:
         """Process the complete layer and copy the result into the kernel tensors' storage."""
         for pname, spec in self.spec.params.items():
             self._materialize(pname, spec)  # tensors with no checkpoint data (declared padding)
-        vllm_layers.process_layer(self.layer, lazy_handle=self.lazy_handle)
+        vllm_layers.process_layer(self.layer, lazy_handle=self.lazy_handle, into=self.kernel_params)
         for n, kernel in (self.kernel_params | self.kernel_attrs).items():
             self._copy_into(n, kernel, self._processed(n))
         for n, kernel in self.kernel_buffers.items():
@@ -319,8 +326,8 @@ class SwappedLayer:
     def _copy_into(self, n: str, kernel: torch.Tensor, new: torch.Tensor | None) -> None:
         if new is None:
             raise SyncError(f"{self.name}: processing did not recreate kernel tensor {n!r}")
-        if new is kernel:
-            return  # processed in place (an `InPlaceLayer`): nothing to copy
+        if new is kernel or _same_memory(new, kernel):
+            return  # processed in place (an `InPlaceLayer`), or into the kernel storage itself: nothing to copy
         if new.shape != kernel.shape or new.dtype != kernel.dtype:
             raise SyncError(
                 f"{self.name}.{n}: processing produced {tuple(new.shape)}/{new.dtype} but the kernel tensor is "

@@ -12,7 +12,9 @@ Which layers take part:
 - a module with captured parameters is swapped (`SwappedLayer`), unless
 - its quant method sets `rlsync_arrival = True` (`ArrivalLayer`: counted only),
 - it passes through processing (kernel format == load format; `InPlaceLayer`:
-  loaded straight into its kernel tensors, no load-format copy),
+  loaded straight into its kernel tensors, no load-format copy), unless its
+  processing repacks CPU experts (`vllm_layers.repacks_experts`: swapped, so
+  the repack writes the kernel tensors instead of a copy that is then copied back),
 - it is a tied follower (an LM head sharing the embedding): it keeps the shared
   kernel tensor, which the owner's reload updates, and is re-processed at commit,
 - it is a deferred attention layer: these hold no checkpoint parameters in the
@@ -128,7 +130,8 @@ class Reload(ReloadBackend):
                     f"{name}: attention layers with checkpoint parameters (e.g. KV-cache scales) are not "
                     "supported by reload_backend='rlsync'; use reload_backend='vllm'"
                 )
-            kind = "arrival" if is_arrival_layer(layer) else "in_place" if spec.passes_through else "swap"
+            in_place = spec.passes_through and not vllm_layers.repacks_experts(layer)
+            kind = "arrival" if is_arrival_layer(layer) else "in_place" if in_place else "swap"
             plan.append((name, spec, kind))
         return plan
 

@@ -375,3 +375,53 @@ def test_a_failing_deferred_expert_call_fails_closed_and_the_next_sync_recovers(
     many.fail = None
     report = engine.sync(trainer, step=2, verify=True)
     assert engine.state is EngineState.READY and report.planned is False and report.num_verified == report.num_written
+
+
+def test_cpu_experts_are_repacked_straight_into_their_kernel_tensors(monkeypatch):
+    """vLLM's CPU experts repack on processing (the `prepack_moe_weight` op). A reload hands the op the engine's
+    own expert tensors as its output, so no repacked copy is made and then copied back; where a kernel tensor
+    cannot stand for the op's output, vLLM's own function runs. Exact either way; a repack that raises leaves
+    FAILED with vLLM's function restored, and the next sync recovers."""
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    from rlsync.adapters import vllm_layers
+
+    path = tiny_model_path(family_spec("qwen3_moe"))
+    engine = _engine(path, None)
+    try:
+        experts = [m for m in engine.model.modules() if vllm_layers.is_routed_experts(m)]
+        assert experts and all(vllm_layers.repacks_experts(m) for m in experts)
+        kernel = sorted(t.data_ptr() for m in experts for t in (m.w13_weight, m.w2_weight))
+        original, op, outputs, fail = cpu_moe.cpu_prepack_moe_weight, torch.ops._C.prepack_moe_weight, [], []
+
+        def spy(weight, output, isa):
+            if fail:
+                raise fail[0]
+            outputs.append(output.data_ptr())
+            return op(weight, output, isa)
+
+        monkeypatch.setattr(torch.ops._C, "prepack_moe_weight", spy)
+        trainer = _trainer(path)
+        for step, into in ((1, True), (2, True), (3, False)):  # record, replay, then vLLM's own repack
+            if not into:
+                monkeypatch.setattr(vllm_layers, "_fits", lambda dest, weight: False)
+            outputs.clear()
+            perturb(trainer, seed=20 + step)
+            engine.sync(trainer, step=step)
+            assert (sorted(outputs) == kernel) is into and len(outputs) == len(kernel)
+            compared, written = _verify(engine, trainer)  # (verify repacks its reference: after the count)
+            assert compared == written
+            assert sorted(t.data_ptr() for m in experts for t in (m.w13_weight, m.w2_weight)) == kernel
+            assert cpu_moe.cpu_prepack_moe_weight is original
+        monkeypatch.undo()
+        monkeypatch.setattr(torch.ops._C, "prepack_moe_weight", spy)
+        fail.append(RuntimeError("repack broke"))
+        with pytest.raises(SyncError, match="repack broke"):
+            engine.sync(trainer, step=4)
+        assert engine.state is EngineState.FAILED and cpu_moe.cpu_prepack_moe_weight is original
+        fail.clear()
+        report = engine.sync(trainer, step=5, verify=True)
+        assert engine.state is EngineState.READY and report.num_verified == report.num_written
+    finally:
+        del engine
+        gc.collect()
