@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/plan_ab.py --models bench --quants bf16 rlsync_fp8/channel --rounds 8
     .venv/bin/python benchmarks/plan_ab.py --models moe-e8 moe-e256 --quants bf16 --rounds 4
+    .venv/bin/python benchmarks/plan_ab.py --models moe-e8 moe-e256 --quants bf16 --rounds 6 --together
     .venv/bin/python benchmarks/plan_ab.py --quick          # CI smoke: tiny model, bf16, 2 rounds
 
 Why: `sync.py` times each method in a process of its own, minutes apart. On a
@@ -31,6 +32,14 @@ quant) list N times, cycling through it, and adds a summary per (model, quant):
 the median over processes of each process's median planned sync and of its
 plan x floor, and both as a ratio to the first model of the list (the MoE
 scaling target: 256 experts against 8).
+
+One process for all models (`--together`): each quant gets one process that
+builds every model's engine side by side and times planned syncs alternating
+model by model (the order reversed every other round); each model's ratio to
+the first model is the median of the per-round ratios. Two engines in one
+process sync slower than one alone, but equally so, and there is no drift
+between processes (the MoE series: 0.995x in one process where three pairs of
+processes read 1.37-1.67x).
 
 Limitations:
 1. rlsync's modes only: vLLM's native reload needs an engine of its own (`sync.py` times it).
@@ -99,6 +108,43 @@ def measure(model: str, quant: str, rounds: int) -> dict[str, Any]:
             "x_floor": {m: ratio(m, "floor") for m in MODES}, "verify": f"ok ({verified} tensors)"}
 
 
+def measure_together(quant: str, models: list[str], rounds: int) -> dict[str, Any]:
+    """Every model's engine in this process, planned syncs alternating model by model, `rounds` times."""
+    from sync import model_path
+
+    benches = {model: Bench(model_path(model), quant, "rlsync") for model in models}
+    for bench in benches.values():
+        for _ in range(2):  # the first sync records, the second replays
+            bench.sync()
+    times: dict[str, list[float]] = {model: [] for model in models}
+    for r in range(rounds):
+        for model in models if r % 2 == 0 else models[::-1]:
+            bench = benches[model]
+            bench.step += 1
+            start = time.perf_counter()
+            report = bench.engine.sync(bench.trainer, bench.step)
+            times[model].append(time.perf_counter() - start)
+            if report.planned is not True:
+                raise RuntimeError(f"{model}: the sync reported planned={report.planned}")
+    first = times[models[0]]
+    return {"models": models, "quant": quant, "rounds": rounds, "status": "ok", "times_s": times,
+            "median_s": {m: statistics.median(v) for m, v in times.items()},
+            "vs_first": {m: statistics.median(t / f for t, f in zip(v, first, strict=True)) for m, v in times.items()},
+            "verify": {m: f"ok ({bench.verify()} tensors)" for m, bench in benches.items()}}
+
+
+def together_table(result: dict[str, Any]) -> str:
+    lines = [env_line(result["env"]), "", "| quant | model | plan s | vs first model | verify |", "|---|---|---|---|---|"]
+    for r in result["records"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['quant']} | {r['model']} | failed: {r['error']} |")
+            continue
+        lines += [f"| {r['quant']} | {m} | {r['median_s'][m]:.4f} | {r['vs_first'][m]:.3f} | {r['verify'][m]} |"
+                  for m in r["models"]]
+    return "\n".join(lines) + "\n\nAll models' engines in one process per quant, planned syncs alternating; " \
+                              "`vs first model`: median of the per-round ratios."
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [env_line(result["env"]), "",
              "| process | model | quant | plan s | noplan s | record s | floor ms | plan / noplan | record / noplan "
@@ -156,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the (model, quant) list this many times, cycling, and summarize across processes")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per (model, quant) process")
     p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument("--together", action="store_true",
+                   help="planned syncs only, every model's engine in one process per quant, alternating")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "QUANT"), help=argparse.SUPPRESS)
+    p.add_argument("--child-together", nargs="+", metavar="QUANT_THEN_MODELS", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds: at least 1")
@@ -165,11 +214,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         emit(measure(*args.child, args.rounds))
         return 0
+    if args.child_together:
+        emit(measure_together(args.child_together[0], args.child_together[1:], args.rounds))
+        return 0
     if args.quick:
-        args.models, args.quants, args.rounds = ["tiny"], ["bf16"], 2
+        args.models, args.quants, args.rounds = (["moe-tiny", "moe-tiny-e32"] if args.together else ["tiny"]), ["bf16"], 2
+    if args.together and (len(args.models) < 2 or len(set(args.models)) != len(args.models)):
+        p.error("--together: two or more distinct models")
+    if args.together and args.processes != 1:
+        p.error("--together runs one process per quant; --processes does not apply")
     env = environment(1)
     start = time.perf_counter()
     records = []
+    if args.together:
+        for quant in args.quants:
+            cmd = [sys.executable, __file__, "--child-together", quant, *args.models, "--rounds", str(args.rounds)]
+            records.append(run_child(cmd, {**os.environ, **SINGLE_THREAD_ENV}, args.timeout,
+                                     model="+".join(args.models), quant=quant))
+            print(f"{quant}: {records[-1].get('median_s', records[-1].get('error'))}", file=sys.stderr, flush=True)
+        env["load_after"], env["wall_s"] = load_average(), time.perf_counter() - start
+        result = {"env": env, "records": records}
+        if args.json_path:
+            Path(args.json_path).write_text(json.dumps(result, indent=1))
+        print(together_table(result))
+        return 0 if all(r["status"] == "ok" for r in records) else 1
     for process in range(1, args.processes + 1):
         for model in args.models:
             for quant in args.quants:

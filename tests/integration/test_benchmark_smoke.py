@@ -67,6 +67,24 @@ def test_plan_ab_benchmark_quick(tmp_path):
     assert "| tiny | bf16 |" in proc.stdout
 
 
+def test_plan_ab_together_quick(tmp_path):
+    """`--together`: both tiny MoE models' engines in one process, planned syncs alternating, each verified; the
+    first model's ratio to itself is 1."""
+    out = tmp_path / "together.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plan_ab.py"), "--quick", "--together", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["status"] == "ok", record.get("error")
+    assert record["models"] == ["moe-tiny", "moe-tiny-e32"]
+    assert all(len(record["times_s"][m]) == 2 and min(record["times_s"][m]) > 0 for m in record["models"])
+    assert record["vs_first"]["moe-tiny"] == 1.0 and record["vs_first"]["moe-tiny-e32"] > 0
+    assert all(v.startswith("ok") for v in record["verify"].values())
+    assert "| bf16 | moe-tiny-e32 |" in proc.stdout
+
+
 def test_kernel_ab_benchmark_quick(tmp_path):
     """kernel_ab.py builds HEAD's kernel and this checkout's, times both on every path, reports after / before."""
     out = tmp_path / "k.json"
