@@ -38,8 +38,8 @@ builds every model's engine side by side and times planned syncs alternating
 model by model (the order reversed every other round); each model's ratio to
 the first model is the median of the per-round ratios. Two engines in one
 process sync slower than one alone, but equally so, and there is no drift
-between processes (the MoE series: 0.995x in one process where three pairs of
-processes read 1.37-1.67x).
+between processes (the bf16 MoE series: 256 experts at 1.02x the time of 8 in
+one process, where three pairs of processes read 1.37-1.67x).
 
 Limitations:
 1. rlsync's modes only: vLLM's native reload needs an engine of its own (`sync.py` times it).
@@ -69,6 +69,17 @@ PLANNED = {"plan": True, "noplan": None, "record": False}
 """What each mode's `SyncReport.planned` must say."""
 
 
+def timed_sync(bench: Bench, planned: bool | None, what: str) -> float:
+    """Seconds of one sync of `bench`'s trainer into its engine, which must report `planned`."""
+    bench.step += 1
+    start = time.perf_counter()
+    report = bench.engine.sync(bench.trainer, bench.step)
+    seconds = time.perf_counter() - start
+    if report.planned is not planned:
+        raise RuntimeError(f"{what}: the sync reported planned={report.planned}")
+    return seconds
+
+
 def measure(model: str, quant: str, rounds: int) -> dict[str, Any]:
     """One (model, quant) in this process: every mode and the floor, `rounds` times, interleaved."""
     from sync import model_path
@@ -90,12 +101,7 @@ def measure(model: str, quant: str, rounds: int) -> dict[str, Any]:
             backend.plan = None if mode == "noplan" else plan
             if mode == "record":
                 plan.clear()
-            bench.step += 1
-            start = time.perf_counter()
-            report = bench.engine.sync(bench.trainer, bench.step)
-            times[mode].append(time.perf_counter() - start)
-            if report.planned is not PLANNED[mode]:
-                raise RuntimeError(f"{mode}: the sync reported planned={report.planned}")
+            times[mode].append(timed_sync(bench, PLANNED[mode], mode))
             backend.plan = plan
     verified = bench.verify()
 
@@ -119,13 +125,7 @@ def measure_together(quant: str, models: list[str], rounds: int) -> dict[str, An
     times: dict[str, list[float]] = {model: [] for model in models}
     for r in range(rounds):
         for model in models if r % 2 == 0 else models[::-1]:
-            bench = benches[model]
-            bench.step += 1
-            start = time.perf_counter()
-            report = bench.engine.sync(bench.trainer, bench.step)
-            times[model].append(time.perf_counter() - start)
-            if report.planned is not True:
-                raise RuntimeError(f"{model}: the sync reported planned={report.planned}")
+            times[model].append(timed_sync(benches[model], True, model))
     first = times[models[0]]
     return {"models": models, "quant": quant, "rounds": rounds, "status": "ok", "times_s": times,
             "median_s": {m: statistics.median(v) for m, v in times.items()},
