@@ -295,18 +295,18 @@ def expert_prepack_into(layer: torch.nn.Module, kernels: dict[str, torch.Tensor]
 
     vLLM's `cpu_prepack_moe_weight` allocates the repacked tensor (`empty_like`) and
     runs the `prepack_moe_weight` op into it; the op takes its output as an
-    argument, so the derived tensor can be refreshed in place: here it is the
-    kernel tensor, which processing then holds as an alias and the reload's
+    argument, so the derived tensor can be refreshed in place (a layer that
+    `repacks_experts`): here it is the kernel tensor, which processing then holds as an alias and the reload's
     copy into kernel storage skips. Only when the kernel tensor can stand for
     `empty_like(weight)` (`_fits`); any other weight goes through vLLM's
     function unchanged. The module's function is swapped for the duration
     (one expert layer at a time in a process, under a lock) and restored on
     exit, exception or not.
     """
-    module = sys.modules.get(_CPU_MOE)
-    if module is None or not kernels or not is_routed_experts(layer):
+    if not kernels or not repacks_experts(layer):
         yield
         return
+    module = sys.modules[_CPU_MOE]
     with _PREPACK_LOCK:
         original = module.cpu_prepack_moe_weight
 
